@@ -1,0 +1,246 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as pure functions over a params pytree.
+
+Params layout: matrices are stored `[in, out]` (so `x @ kernel`) and the decoder layers are stacked on a
+leading axis of size `num_layers`, so one `jax.lax.scan` runs them all:
+
+    embed_tokens                [V, D]
+    layers/input_layernorm      [L, D]
+    layers/{q,k,v,o}_proj       {kernel: [L, in, out], bias?: [L, out]}
+    layers/{q,k}_norm           [L, head_dim]            (Qwen3)
+    layers/post_attention_layernorm [L, D]
+    layers/{gate,up,down}_proj  {kernel: [L, in, out], bias?: [L, out]}
+    norm                        [D]
+    lm_head                     {kernel: [D, V]}          (absent when embeddings are tied)
+
+LoRA lives in a separate pytree that mirrors `layers`: `{name: {"a": [L, in, r], "b": [L, r, out]}}`.
+Attention is masked by segment ids (0 = padding), so packed documents and padded prompts never see
+each other; positions are passed in explicitly for the same reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection in a decoder layer."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {
+        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+
+
+def has_bias(cfg: ModelConfig, name: str) -> bool:
+    if name in ("q_proj", "k_proj", "v_proj"):
+        return cfg.qkv_bias
+    if name == "o_proj":
+        return cfg.o_bias
+    return cfg.mlp_bias
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random weights (normal(0, std), norms at 1): for tests, benchmarks and memory planning."""
+    L, d = cfg.num_layers, cfg.hidden_size
+    keys = iter(jax.random.split(key, 16))
+    normal = lambda shape: (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+    layers: Params = {"input_layernorm": jnp.ones((L, d), dtype), "post_attention_layernorm": jnp.ones((L, d), dtype)}
+    for name, (n_in, n_out) in linear_shapes(cfg).items():
+        layers[name] = {"kernel": normal((L, n_in, n_out))}
+        if has_bias(cfg, name):
+            layers[name]["bias"] = normal((L, n_out))
+    if cfg.qk_norm:
+        layers["q_norm"] = jnp.ones((L, cfg.head_dim), dtype)
+        layers["k_norm"] = jnp.ones((L, cfg.head_dim), dtype)
+    params = {"embed_tokens": normal((cfg.vocab_size, d)), "layers": layers, "norm": jnp.ones((d,), dtype)}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": normal((d, cfg.vocab_size))}
+    return params
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(dtype) * x32.astype(dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def _linear(x, p, lora_p, lora_scale, dtype):
+    y = jnp.dot(x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    if lora_p is not None:
+        y = y + (jnp.dot(jnp.dot(x, lora_p["a"].astype(dtype)), lora_p["b"].astype(dtype)) * lora_scale).astype(dtype)
+    return y
+
+
+def attention_mask(q_seg, q_idx, q_pos, k_seg, k_pos, sliding_window):
+    """[B, 1, 1, T, S] bool: same document, key not padding, key not in the future (by slot index)."""
+    S = k_seg.shape[1]
+    k_idx = jnp.arange(S)
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    mask = mask & (k_idx[None, None, :] <= q_idx[None, :, None])
+    if sliding_window:
+        mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < sliding_window)
+    return mask[:, None, None, :, :]
+
+
+def _attend(q, k, v, mask, cfg: ModelConfig, dtype):
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(B, T, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    return out.reshape(B, T, cfg.num_heads * cfg.head_dim)
+
+
+def _layer(cfg: ModelConfig, dtype, lora_scale, h, layer, lora, cos, sin, kv_fn):
+    """One decoder layer. `kv_fn(k, v) -> (k_all, v_all, mask)` supplies the keys to attend over."""
+    B, T, _ = h.shape
+    get = lambda name: None if lora is None else lora.get(name)
+    x = rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps, dtype)
+    q = _linear(x, layer["q_proj"], get("q_proj"), lora_scale, dtype).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = _linear(x, layer["k_proj"], get("k_proj"), lora_scale, dtype).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear(x, layer["v_proj"], get("v_proj"), lora_scale, dtype).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps, dtype)
+        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps, dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all, v_all, mask = kv_fn(k, v)
+    attn = _attend(q, k_all, v_all, mask, cfg, dtype)
+    h = h + _linear(attn, layer["o_proj"], get("o_proj"), lora_scale, dtype).astype(h.dtype)
+    x = rms_norm(h, layer["post_attention_layernorm"], cfg.rms_norm_eps, dtype)
+    gate = _linear(x, layer["gate_proj"], get("gate_proj"), lora_scale, dtype)
+    up = _linear(x, layer["up_proj"], get("up_proj"), lora_scale, dtype)
+    h = h + _linear(jax.nn.silu(gate) * up, layer["down_proj"], get("down_proj"), lora_scale, dtype).astype(h.dtype)
+    return h
+
+
+def hidden_states(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    dtype=jnp.float32,
+    remat: bool = False,
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D] for a full sequence (training / scoring; no cache)."""
+    T = tokens.shape[1]
+    h = params["embed_tokens"][tokens].astype(jnp.float32)
+    cos, sin = rope_cos_sin(cfg, positions)
+    mask = attention_mask(segment_ids, jnp.arange(T), positions, segment_ids, positions, cfg.sliding_window)
+    kv_fn = lambda k, v: (k, v, mask)
+
+    def body(h, xs):
+        layer, lora_layer = xs
+        return _layer(cfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    h, _ = jax.lax.scan(body, h, (params["layers"], lora))
+    return rms_norm(h, params["norm"], cfg.rms_norm_eps, dtype)
+
+
+def logits_from_hidden(params: Params, h: jax.Array) -> jax.Array:
+    """fp32 logits: the vocabulary projection (tied or not) accumulated in fp32."""
+    w = params["lm_head"]["kernel"] if "lm_head" in params else params["embed_tokens"].T
+    return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(params, cfg, tokens, positions, segment_ids, **kw) -> jax.Array:
+    """Logits [B, T, V] in fp32."""
+    return logits_from_hidden(params, hidden_states(params, cfg, tokens, positions, segment_ids, **kw))
+
+
+# --- KV cache (generation) -------------------------------------------------------------------------
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> Params:
+    """Preallocated cache; slots whose `seg` is 0 are empty and never attended to."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        "seg": jnp.zeros((batch, length), jnp.int32), "pos": jnp.zeros((batch, length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def forward_cached(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    cache: Params,
+    *,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    dtype=jnp.float32,
+    last_only: bool = True,
+) -> tuple[jax.Array, Params]:
+    """Run `tokens` [B, T] into slots [index, index+T) of the cache; returns (logits, new cache).
+
+    With `last_only`, logits are computed for the last position only ([B, V]), which is all decoding needs.
+    """
+    T = tokens.shape[1]
+    index = cache["index"]
+    seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids.astype(jnp.int32), (0, index))
+    pos = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
+    mask = attention_mask(segment_ids, index + jnp.arange(T), positions, seg, pos, cfg.sliding_window)
+    cos, sin = rope_cos_sin(cfg, positions)
+    h = params["embed_tokens"][tokens].astype(jnp.float32)
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        layer, lora_layer, i = xs
+
+        def kv_fn(k, v):
+            nonlocal ck, cv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (i, 0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (i, 0, index, 0, 0))
+            return ck[i], cv[i], mask
+
+        h = _layer(cfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn)
+        return (h, ck, cv), None
+
+    xs = (params["layers"], lora, jnp.arange(cfg.num_layers))
+    (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), xs)
+    if last_only:
+        h = h[:, -1]
+    logits = logits_from_hidden(params, rms_norm(h, params["norm"], cfg.rms_norm_eps, dtype))
+    return logits, {"k": ck, "v": cv, "seg": seg, "pos": pos, "index": index + T}
+
+
+def param_count(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
