@@ -93,7 +93,12 @@ def _linear(x, p, lora_p, lora_scale, dtype):
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     if lora_p is not None:
-        y = y + (jnp.dot(jnp.dot(x, lora_p["a"].astype(dtype)), lora_p["b"].astype(dtype)) * lora_scale).astype(dtype)
+        xa = x
+        if "dropout_key" in lora_p:  # LoRA dropout on the adapter's input only (as PEFT); see lora.with_dropout
+            rate = lora_p["dropout_rate"]
+            keep = jax.random.bernoulli(lora_p["dropout_key"], 1.0 - rate, x.shape)
+            xa = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+        y = y + (jnp.dot(jnp.dot(xa, lora_p["a"].astype(dtype)), lora_p["b"].astype(dtype)) * lora_scale).astype(dtype)
     return y
 
 
