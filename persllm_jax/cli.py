@@ -21,6 +21,9 @@ def _register():
     from .generate_cli import generate
 
     main.add_command(generate)
+    from .train_cli import train
+
+    main.add_command(train)
 
 
 _register()

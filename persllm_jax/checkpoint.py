@@ -1,0 +1,67 @@
+"""Orbax checkpoints under RUN_DIR/checkpoints/<step>/ (atomic: orbax writes to a temp dir and renames).
+
+Items per step:
+    lora or params   the trained weights only (LoRA adapter, or all weights for full fine-tuning), so
+                     export and DPO restore them without touching the optimizer state
+    opt_state        optax state
+    train_state      {"step", "rng"}
+    meta             JSON: step, data position (rows consumed), trainable kind
+The frozen base is not saved: RUN_DIR/run.json names the model it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=opts)
+
+
+def latest_step(mgr: ocp.CheckpointManager) -> int | None:
+    return mgr.latest_step()
+
+
+def save(mgr: ocp.CheckpointManager, step: int, trainable, opt_state, train_state, meta: dict, kind: str = "lora"):
+    args = ocp.args.Composite(**{
+        kind: ocp.args.StandardSave(trainable),
+        "opt_state": ocp.args.StandardSave(opt_state),
+        "train_state": ocp.args.StandardSave(train_state),
+        "meta": ocp.args.JsonSave(meta),
+    })
+    mgr.save(step, args=args, force=True)
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, trainable, opt_state, train_state, kind: str = "lora"):
+    """Restore into the shapes, dtypes and shardings of the given (freshly initialised) trees."""
+    args = ocp.args.Composite(**{
+        kind: ocp.args.StandardRestore(_abstract(trainable)),
+        "opt_state": ocp.args.StandardRestore(_abstract(opt_state)),
+        "train_state": ocp.args.StandardRestore(_abstract(train_state)),
+        "meta": ocp.args.JsonRestore(),
+    })
+    out = mgr.restore(step, args=args)
+    return out[kind], out["opt_state"], out["train_state"], dict(out["meta"])
+
+
+def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None = None):
+    """(weights, meta) of a run's checkpoint, on the default device: for export, DPO and evaluation."""
+    mgr = manager(run_dir, create=False)
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint")
+    meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    kind = kind or meta.get("kind", "lora")
+    out = mgr.restore(step, args=ocp.args.Composite(**{kind: ocp.args.StandardRestore()}))
+    return out[kind], meta
+
+
+__all__ = ["manager", "latest_step", "save", "restore", "load_trained"]

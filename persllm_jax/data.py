@@ -1,0 +1,244 @@
+"""SFT data: JSONL chat rows -> tokens with assistant masks -> packed rows with segment ids -> batches.
+
+- `read_jsonl` names file and line in every error.
+- `tokenize_chat` renders with the tokenizer's chat template and marks as trained exactly the tokens of each
+  assistant message's content plus its end-of-turn token (found by rendering prefixes of the conversation).
+- `pack_rows` puts whole documents into rows of `max_length`: segment ids 1, 2, ... per document (0 =
+  padding), positions restarting at 0 per document; targets never cross a document boundary.
+- The stream of rows is a pure function of (seed, epoch), so the data position is a single integer (rows
+  consumed) and a resumed run reads exactly the rows an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROLES = ("system", "user", "assistant", "tool")
+EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # int32 [n]
+    mask: np.ndarray  # bool [n]: this token is a training target
+    where: str = ""
+
+
+@dataclass
+class DataStats:
+    conversations: int = 0
+    truncated: int = 0  # conversations cut at max_length
+    dropped: int = 0  # conversations with no trained token left after truncation
+    tokens: int = 0
+    trained_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def corpus_file(path: str | Path, split: str = "train") -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "sft" / f"{split}.jsonl"
+    if not p.is_file():
+        raise DataError(f"{p}: no such file (expected CORPUS_DIR/sft/{split}.jsonl or a .jsonl file)")
+    return p
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """[(\"file:line\", row)] for every non-blank line; a malformed line is an error naming file and line."""
+    p = Path(path)
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    if not rows:
+        raise DataError(f"{p}: empty corpus (no rows)")
+    return rows
+
+
+def check_messages(row: dict, where: str) -> list[dict]:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: missing or empty \"messages\" list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{\"role\": str, \"content\": str}}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: conversation has no assistant turn (nothing to train on)")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _render(tokenizer, msgs, gen_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+
+
+def eot_strings(tokenizer) -> set[str]:
+    vocab = tokenizer.get_vocab()
+    out = {t for t in EOT_CANDIDATES if t in vocab}
+    if tokenizer.eos_token:
+        out.add(tokenizer.eos_token)
+    return out
+
+
+def assistant_spans(tokenizer, msgs: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """(full text, char spans to train): each assistant content plus the end-of-turn marker that follows it."""
+    full = _render(tokenizer, msgs, False)
+    eots = eot_strings(tokenizer)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, msgs[:i], True) if i else ""
+        upto = _render(tokenizer, msgs[: i + 1], False)
+        if not full.startswith(upto) or not upto.startswith(prefix):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
+                            "cannot locate assistant turns")
+        turn = upto[len(prefix):]
+        content = m["content"].strip()
+        start = turn.find(content) if content else 0
+        if start < 0:
+            raise DataError(f"{where}: the chat template altered assistant message {i}; cannot locate it")
+        end = start + len(content)
+        rest = turn[end:]
+        hits = [(rest.find(e), e) for e in eots if rest.find(e) >= 0]
+        if hits:
+            pos, e = min(hits)
+            end += pos + len(e)
+        else:
+            end = len(turn)
+        spans.append((len(prefix) + start, len(prefix) + end))
+    return full, spans
+
+
+def tokenize_chat(tokenizer, msgs: list[dict], where: str = "") -> Example:
+    text, spans = assistant_spans(tokenizer, msgs, where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    mask = np.zeros(len(ids), bool)
+    for j, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and any(s < b and e > a for a, b in spans):
+            mask[j] = True
+    return Example(ids, mask, where)
+
+
+def load_examples(tokenizer, path: str | Path, max_length: int) -> tuple[list[Example], DataStats]:
+    rows = read_jsonl(path)
+    stats = DataStats()
+    out = []
+    for where, row in rows:
+        msgs = check_messages(row, where)
+        ex = tokenize_chat(tokenizer, msgs, where)
+        stats.conversations += 1
+        if len(ex.ids) > max_length:
+            stats.truncated += 1
+            ex = Example(ex.ids[:max_length], ex.mask[:max_length], where)
+        if not ex.mask[1:].any():
+            stats.dropped += 1
+            continue
+        stats.tokens += len(ex.ids)
+        stats.trained_tokens += int(ex.mask[1:].sum())
+        out.append(ex)
+    if not out:
+        raise DataError(f"{path}: no conversation has a trainable assistant token within max_length={max_length}")
+    return out, stats
+
+
+def pack_rows(examples: list[Example], max_length: int, packing: bool = True, window: int = 16) -> dict[str, np.ndarray]:
+    """Rows [N, max_length]: tokens, targets, weights (fp32), positions, segment_ids (0 = padding).
+
+    Documents are placed whole into the first of the last `window` open rows with room (first fit).
+    """
+    rows: list[list[Example]] = []
+    free: list[int] = []
+    for ex in examples:
+        n = len(ex.ids)
+        slot = None
+        if packing:
+            for r in range(max(0, len(rows) - window), len(rows)):
+                if free[r] >= n:
+                    slot = r
+                    break
+        if slot is None:
+            rows.append([])
+            free.append(max_length)
+            slot = len(rows) - 1
+        rows[slot].append(ex)
+        free[slot] -= n
+    N, T = len(rows), max_length
+    out = {k: np.zeros((N, T), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    out["weights"] = np.zeros((N, T), np.float32)
+    for r, docs in enumerate(rows):
+        o = 0
+        for s, ex in enumerate(docs, 1):
+            n = len(ex.ids)
+            out["tokens"][r, o:o + n] = ex.ids
+            out["positions"][r, o:o + n] = np.arange(n)
+            out["segment_ids"][r, o:o + n] = s
+            out["targets"][r, o:o + n - 1] = ex.ids[1:]
+            out["weights"][r, o:o + n - 1] = ex.mask[1:]
+            o += n
+    return out
+
+
+def epoch_rows(examples: list[Example], max_length: int, seed: int, epoch: int, shuffle: bool = True,
+               packing: bool = True) -> dict[str, np.ndarray]:
+    order = np.arange(len(examples))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    return pack_rows([examples[i] for i in order], max_length, packing)
+
+
+def batches(examples, max_length: int, rows_per_step: int, seed: int, start_row: int = 0, shuffle: bool = True,
+            packing: bool = True, row_slice: slice = slice(None)):
+    """Endless stream of (batch, next_row): `rows_per_step` rows per item, crossing epochs seamlessly.
+
+    `start_row` is the data position (rows consumed so far); `row_slice` selects this process's rows of each
+    global batch (multi-host).
+    """
+    epoch, offset, cache = 0, start_row, None
+    while True:
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, epoch_rows(examples, max_length, seed, epoch, shuffle, packing))
+        rows = cache[1]
+        n = len(rows["tokens"])
+        if offset >= n:
+            offset -= n
+            epoch += 1
+            continue
+        parts = []
+        need = rows_per_step
+        while need:
+            take = min(need, n - offset)
+            parts.append({k: v[offset:offset + take] for k, v in rows.items()})
+            need -= take
+            offset += take
+            if offset >= n:
+                epoch, offset = epoch + 1, 0
+                rows = epoch_rows(examples, max_length, seed, epoch, shuffle, packing)
+                cache = (epoch, rows)
+                n = len(rows["tokens"])
+        batch = {k: np.concatenate([p[k] for p in parts])[row_slice] for k in parts[0]}
+        start_row += rows_per_step
+        yield batch, start_row
+
+
+__all__ = ["DataError", "Example", "DataStats", "corpus_file", "read_jsonl", "check_messages", "tokenize_chat",
+           "assistant_spans", "load_examples", "pack_rows", "epoch_rows", "batches"]
