@@ -112,7 +112,7 @@ def assistant_spans(tokenizer, msgs: list[dict], where: str = "") -> tuple[str, 
             raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
                             "cannot locate assistant turns")
         turn = upto[len(prefix):]
-        content = m["content"].strip()
+        content = m["content"] if m["content"] in turn else m["content"].strip()  # some templates trim
         start = turn.find(content) if content else 0
         if start < 0:
             raise DataError(f"{where}: the chat template altered assistant message {i}; cannot locate it")
@@ -134,7 +134,7 @@ def tokenize_chat(tokenizer, msgs: list[dict], where: str = "") -> Example:
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.zeros(len(ids), bool)
     for j, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > s and any(s < b and e > a for a, b in spans):
+        if e > s and any(a <= s < b for a, b in spans):  # a token straddling into the span from the template is not trained
             mask[j] = True
     return Example(ids, mask, where)
 
