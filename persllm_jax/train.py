@@ -86,7 +86,7 @@ def make_train_step(cfg: TrainConfig, mcfg: ModelConfig, optimizer, schedule):
         grads = jax.tree_util.tree_map(lambda g: g / denom, gsum)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = {"loss": lsum / denom, "trained_tokens": wsum, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": lsum / denom, "trained_tokens": wsum, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["step"])}
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}, metrics
 
