@@ -24,6 +24,9 @@ def _register():
     from .train_cli import train
 
     main.add_command(train)
+    from data_gen.cli import data
+
+    main.add_command(data)
 
 
 _register()

@@ -1,0 +1,248 @@
+"""Annotator backends behind one interface: an OpenAI-compatible endpoint (the official `openai` async
+client) and our own JAX generation engine. Both answer through an on-disk response cache keyed by a
+hash of the request, so a rerun sends no request that was already answered.
+
+The API key is read from OPENAI_API_KEY, handed to the client, and never stored: it is not part of the
+cache key, the cache entries, the identity written to the manifest, or any error message."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import DataGenError
+from .jsonl import atomic_write_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    key: str  # the pipeline's item key (not part of the cache key)
+    messages: tuple  # tuple of {"role", "content"} dicts
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+    def body(self) -> dict:
+        return {"messages": list(self.messages), "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclasses.dataclass
+class Result:
+    text: str | None
+    error: str | None = None  # reason when the request failed after all retries
+    cached: bool = False
+
+
+OnResult = Callable[[Request, Result], None]
+
+
+class ResponseCache:
+    """One JSON file per answered request under DIR/ab/<sha256>.json, written atomically."""
+
+    def __init__(self, root: Path, namespace: dict):
+        self.root = Path(root)
+        self.namespace = namespace  # e.g. {"model": ...}; never holds secrets
+
+    def key(self, req: Request) -> str:
+        blob = json.dumps({"ns": self.namespace, **req.body()}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _path(self, k: str) -> Path:
+        return self.root / k[:2] / f"{k}.json"
+
+    def get(self, req: Request) -> str | None:
+        p = self._path(self.key(req))
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))["text"]
+        except (ValueError, KeyError):
+            return None  # a damaged entry is asked again
+
+    def put(self, req: Request, text: str) -> None:
+        entry = {"ns": self.namespace, "request": req.body(), "text": text}
+        atomic_write_text(self._path(self.key(req)), json.dumps(entry, ensure_ascii=False))
+
+
+class Backend:
+    identity: dict
+    cache: ResponseCache
+
+    def __init__(self):
+        self.stats: Counter = Counter()
+
+    def run(self, requests: list[Request], on_result: OnResult) -> None:
+        """Answer every request, calling on_result(request, result) as each one is done (cache hits first)."""
+        todo = []
+        for r in requests:
+            text = self.cache.get(r)
+            if text is not None:
+                self.stats["cache_hits"] += 1
+                on_result(r, Result(text, cached=True))
+            else:
+                todo.append(r)
+        if todo:
+            self._run(todo, on_result)
+
+    def _run(self, requests: list[Request], on_result: OnResult) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class OpenAIBackend(Backend):
+    def __init__(self, model: str, base_url: str | None, cfg: dict, cache_dir: Path):
+        super().__init__()
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise DataGenError("the openai: annotator needs the openai package (pip install openai)") from None
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self._key = os.environ.get("OPENAI_API_KEY") or ""
+        if not self._key and not self.base_url:
+            raise DataGenError("openai annotator: set OPENAI_API_KEY (and OPENAI_BASE_URL or --base-url for "
+                               "another OpenAI-compatible endpoint)")
+        self.cfg = cfg
+        self.identity = {"backend": "openai", "model": model,
+                         "base_url": _redact_url(self.base_url) if self.base_url else "https://api.openai.com/v1"}
+        self.cache = ResponseCache(cache_dir, {"model": model})
+
+    def _scrub(self, msg: str) -> str:
+        return msg.replace(self._key, "***") if self._key else msg
+
+    def _run(self, requests, on_result):
+        asyncio.run(self._run_async(requests, on_result))
+
+    async def _run_async(self, requests, on_result):
+        import openai
+
+        client = openai.AsyncOpenAI(api_key=self._key or "no-key", base_url=self.base_url, max_retries=0,
+                                    timeout=float(self.cfg["timeout"]))
+        sem = asyncio.Semaphore(int(self.cfg["concurrency"]))
+        fatal: list[str] = []
+
+        async def one(req: Request) -> tuple[Request, Result]:
+            retries = int(self.cfg["retries"])
+            last = "unknown"
+            for attempt in range(retries + 1):
+                if fatal:
+                    return req, Result(None, "aborted")
+                if attempt:
+                    self.stats[f"retry_{last}"] += 1
+                    cap = min(float(self.cfg["backoff_max"]), float(self.cfg["backoff_base"]) * 2 ** (attempt - 1))
+                    await asyncio.sleep(random.uniform(0, cap))  # exponential backoff, full jitter
+                try:
+                    async with sem:
+                        self.stats["sent"] += 1
+                        resp = await client.chat.completions.create(
+                            model=self.model, messages=list(req.messages), max_tokens=req.max_tokens,
+                            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                            timeout=float(self.cfg["timeout"]))
+                    text = resp.choices[0].message.content
+                    if not isinstance(text, str):
+                        raise TypeError("no message content")
+                except openai.RateLimitError:
+                    last = "429"
+                    continue
+                except openai.APITimeoutError:
+                    last = "timeout"
+                    continue
+                except openai.APIConnectionError:
+                    last = "connection"
+                    continue
+                except openai.APIStatusError as e:
+                    code = e.status_code
+                    if code >= 500 or code in (408, 409):
+                        last = str(code) if code < 600 else "5xx"
+                        continue
+                    if code in (401, 403, 404):
+                        fatal.append(f"annotator endpoint {self.identity['base_url']} answered {code} "
+                                     f"({self._scrub(str(e))[:200]}); check the model name and OPENAI_API_KEY")
+                        return req, Result(None, f"http_{code}")
+                    return req, Result(None, f"http_{code}")
+                except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError, IndexError,
+                        KeyError):
+                    last = "malformed"
+                    continue
+                self.cache.put(req, text)
+                return req, Result(text)
+            self.stats["failed"] += 1
+            return req, Result(None, f"gave_up_after_{retries + 1}_attempts_{last}")
+
+        try:
+            for fut in asyncio.as_completed([asyncio.ensure_future(one(r)) for r in requests]):
+                req, res = await fut
+                on_result(req, res)
+        finally:
+            await client.close()
+        if fatal:
+            raise DataGenError(fatal[0])
+
+
+class LocalBackend(Backend):
+    """Our JAX generation engine; the model loads on the first uncached request (a full-cache rerun never
+    loads it)."""
+
+    def __init__(self, spec: str, cfg: dict, cache_dir: Path):
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        ident = {"backend": "local", "model": spec}
+        if spec != "smollm2":
+            p = Path(spec)
+            if not p.exists():
+                raise DataGenError(f"local annotator: {spec}: no such model folder or .gguf file")
+            ident["model"] = p.name
+            target = p if p.is_file() else p / "config.json"
+            if target.exists():
+                ident["size"] = target.stat().st_size
+        self.identity = ident
+        self.cache = ResponseCache(cache_dir, {"model": f"local:{ident['model']}", "size": ident.get("size")})
+        self.gen = None
+
+    def _run(self, requests, on_result):
+        from persllm_jax.generate import Generator, SamplingParams
+
+        if self.gen is None:
+            t = time.perf_counter()
+            self.gen = Generator.load(self.spec)
+            self.stats["load_seconds"] = round(time.perf_counter() - t, 2)
+        bs = int(self.cfg["batch_size"])
+        order = sorted(requests, key=lambda r: sum(len(m["content"]) for m in r.messages))
+        for i in range(0, len(order), bs):
+            batch = order[i:i + bs]
+            sp = [SamplingParams(max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                                 seed=r.seed) for r in batch]
+            outs = self.gen.chat([list(r.messages) for r in batch], sp)
+            self.stats["sent"] += len(batch)
+            for r, c in zip(batch, outs):
+                self.cache.put(r, c.text)
+                on_result(r, Result(c.text))
+
+
+def make_backend(spec: str, base_url: str | None, cfg: dict, cache_dir: Path) -> Backend:
+    if spec.startswith("openai:") and spec[len("openai:"):]:
+        return OpenAIBackend(spec[len("openai:"):], base_url, cfg, cache_dir)
+    if spec.startswith("local:") and spec[len("local:"):]:
+        return LocalBackend(spec[len("local:"):], cfg, cache_dir)
+    raise DataGenError(f"--annotator {spec}: expected openai:MODEL or local:PATH (local:smollm2 = embedded model)")
