@@ -48,9 +48,10 @@ def canned_answer(messages: list[dict]) -> str:
 
 class FakeOpenAI:
     def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, slow_seconds: float = 1.5,
-                 hold_after: int | None = None, answer=canned_answer):
+                 hold_after: int | None = None, answer=canned_answer, reject_auth: bool = False):
         self.latency, self.fault_rate, self.slow_seconds = latency, fault_rate, slow_seconds
         self.hold_after = hold_after
+        self.reject_auth = reject_auth  # answer 401 and echo the key back, as some servers do
         self.answer = answer
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -103,6 +104,9 @@ class FakeOpenAI:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, b'{"error": {"message": "not found"}}')
+                if fake.reject_auth:
+                    msg = {"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}}
+                    return self._send(401, json.dumps(msg).encode())
                 req = json.loads(raw)
                 h = hashlib.sha256(json.dumps({k: req.get(k) for k in ("model", "messages", "max_tokens",
                                    "temperature", "top_p", "seed")}, sort_keys=True).encode()).hexdigest()
