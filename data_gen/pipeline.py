@@ -57,7 +57,24 @@ class Ctx:
     def index(self, persona: str, stage: str, kind: str) -> Index:
         k = (persona, stage, kind)
         if k not in self._indexes:
-            self._indexes[k] = Index([c.text for c in self.chunks_of(*k)], self.cfg["retrieval"])
+            texts = [c.text for c in self.chunks_of(*k)]
+            emb = None
+            if self.cfg["retrieval"]["method"] == "dense":  # paragraph embeddings cached in work/emb/
+                import numpy as np
+
+                from .retrieval import Embedder
+
+                tag = hashlib.sha256(json.dumps([self.cfg["retrieval"]["model"], texts]).encode()).hexdigest()[:16]
+                path = self.work / "emb" / f"{'__'.join(k)}.{tag}.npy"
+                if path.exists():
+                    emb = np.load(path, allow_pickle=False)
+                else:
+                    emb = Embedder.get(self.cfg["retrieval"]["model"]).encode(texts)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.name + ".tmp.npy")
+                    np.save(tmp, emb, allow_pickle=False)
+                    tmp.replace(path)
+            self._indexes[k] = Index(texts, self.cfg["retrieval"], embeddings=emb)
         return self._indexes[k]
 
     def progress(self, desc: str, total: int, initial: int = 0):
@@ -139,6 +156,10 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     timed("inputs", t0)
 
     t0 = time.perf_counter()
+    if cfg["retrieval"]["method"] == "dense":  # embed every query in one batch
+        from .retrieval import Embedder
+
+        Embedder.get(cfg["retrieval"]["model"]).encode([r["input"] for r in inputs.values() if r.get("input")])
     responses = annotate.responses_step(ctx, items, inputs)
     timed("responses", t0)
 

@@ -75,6 +75,7 @@ class Embedder:
             raise DataGenError("dense retrieval needs sentence-transformers (pip install 'persllm-jax[dense]')") from None
         self.path = path
         self.model = SentenceTransformer(path, device="cpu", trust_remote_code=False, local_files_only=True)
+        self._memo: dict[str, np.ndarray] = {}
 
     @classmethod
     def get(cls, spec: str) -> Embedder:
@@ -84,11 +85,16 @@ class Embedder:
         return cls._cache[path]
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """Normalised embeddings; each distinct text is embedded once per process (batched)."""
         if not texts:
             return np.zeros((0, 1), np.float32)
-        e = self.model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True,
-                              show_progress_bar=False)
-        return np.asarray(e, dtype=np.float32)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            e = self.model.encode(missing, batch_size=32, convert_to_numpy=True, normalize_embeddings=True,
+                                  show_progress_bar=False)
+            for t, v in zip(missing, np.asarray(e, dtype=np.float32)):
+                self._memo[t] = v
+        return np.stack([self._memo[t] for t in texts])
 
 
 class Index:
