@@ -4,6 +4,7 @@ answers arrive, and on a rerun asks only for the items it does not have yet."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 
@@ -55,49 +56,103 @@ def _sampling(ctx, section: str) -> dict:
     return {"max_tokens": int(c["max_tokens"]), "temperature": float(c["temperature"]), "top_p": float(c["top_p"])}
 
 
-def run_step(ctx, name: str, items: list[dict], make_request, on_answer) -> dict[str, dict]:
-    """Resumable annotator step over `items` (dicts with a unique "key"). Rows already in
-    work/<name>.jsonl are kept (failed ones are asked again); new rows are appended as answers arrive."""
-    path = ctx.work / f"{name}.jsonl"
-    done = {r["key"]: r for r in read_jsonl(path) if r.get("reason") != FAILED}
-    todo = [it for it in items if it["key"] not in done]
-    by_key = {it["key"]: it for it in todo}
-    requests = [make_request(it) for it in todo]
-    bar = ctx.progress(name, total=len(items), initial=len(items) - len(todo))
-    with Appender(path) as out:
-        def on_result(req: Request, res: Result):
-            it = by_key[req.key]
-            if res.text is None:
-                row = {"key": req.key, "reason": FAILED, "error": res.error}
-            else:
-                row = {"key": req.key, **on_answer(it, res.text)}
-            out.write(row)
-            done[req.key] = row
-            bar.update(1)
+class Step:
+    """One resumable annotator step: rows already in work/<name>.jsonl are kept (failed ones are asked
+    again); new rows are appended as answers arrive. Request keys are "<step>|<item key>"."""
 
-        ctx.backend.run(requests, on_result)
-    bar.close()
-    return {it["key"]: done[it["key"]] for it in items if it["key"] in done}
+    def __init__(self, ctx, name: str, make_request, on_answer, total: int):
+        self.name, self.make_request, self.on_answer = name, make_request, on_answer
+        self.path = ctx.work / f"{name}.jsonl"
+        self.done = {r["key"]: r for r in read_jsonl(self.path) if r.get("reason") != FAILED}
+        self.items: dict[str, dict] = {}
+        self.bar = ctx.progress(name, total=total)
+        self.out = Appender(self.path)
+
+    def request(self, it: dict) -> Request | None:
+        """The request for an item, or None when its row exists already."""
+        self.items[it["key"]] = it
+        if it["key"] in self.done:
+            self.bar.update(1)
+            return None
+        r = self.make_request(it)
+        return dataclasses.replace(r, key=f"{self.name}|{it['key']}")
+
+    def answer(self, key: str, res: Result) -> dict:
+        it = self.items[key]
+        if res.text is None:
+            row = {"key": key, "reason": FAILED, "error": res.error}
+        else:
+            row = {"key": key, **self.on_answer(it, res.text)}
+        self.out.write(row)
+        self.done[key] = row
+        self.bar.update(1)
+        return row
+
+    def close(self):
+        self.out.close()
+        self.bar.close()
 
 
-def inputs_step(ctx, items: list[dict]) -> dict[str, dict]:
+def run_steps(ctx, steps: dict, first: list, then=None) -> None:
+    """Run requests through the backend, routing each answer to its step; `then(step, item, row)` may
+    return follow-up requests for a later step (so steps overlap instead of waiting for each other)."""
+
+    def on_result(req: Request, res: Result):
+        name, key = req.key.split("|", 1)
+        row = steps[name].answer(key, res)
+        return then(name, steps[name].items[key], row) if then else None
+
+    try:
+        ctx.backend.run([r for r in first if r is not None], on_result)
+    finally:
+        for st in steps.values():
+            st.close()
+
+
+def _input_request(ctx, it):
+    p, s = ctx.personas[it["persona"]], ctx.personas[it["persona"]].stage(it["stage"])
+    t = ctx.templates(p)
+    seed = ctx.chunk_by_id[it["seed_id"]].text
+    system = t.render(f"input_{it['type']}.j2", name=p.name, description=p.description, label=s.label,
+                      stage_description=s.description, seed=seed, kind=it["seed_kind"])
+    user = t.render("input_user.j2", name=p.name, label=s.label, seed=seed, kind=it["seed_kind"])
+    return Request(it["key"], ({"role": "system", "content": system}, {"role": "user", "content": user}),
+                   seed=stable_seed(ctx.cfg["seed"], "input", it["key"]), **_sampling(ctx, "inputs"))
+
+
+def inputs_and_responses(ctx, items: list[dict]) -> tuple[dict, dict]:
+    """Generate each item's input, then (as soon as it is in) its in-persona CoT response."""
     mx = int(ctx.cfg["inputs"]["max_words"])
 
-    def make(it):
-        p, s = ctx.personas[it["persona"]], ctx.personas[it["persona"]].stage(it["stage"])
-        t = ctx.templates(p)
-        seed = ctx.chunk_by_id[it["seed_id"]].text
-        system = t.render(f"input_{it['type']}.j2", name=p.name, description=p.description, label=s.label,
-                          stage_description=s.description, seed=seed, kind=it["seed_kind"])
-        user = t.render("input_user.j2", name=p.name, label=s.label, seed=seed, kind=it["seed_kind"])
-        return Request(it["key"], ({"role": "system", "content": system}, {"role": "user", "content": user}),
-                       seed=stable_seed(ctx.cfg["seed"], "input", it["key"]), **_sampling(ctx, "inputs"))
-
-    def answer(it, text):
+    def input_answer(it, text):
         inp, reason = parse_input(text, it["type"], mx)
         return {"input": inp, "reason": reason, "raw": text}
 
-    return run_step(ctx, "inputs", [dict(it, key=it["id"]) for it in items], make, answer)
+    inputs = Step(ctx, "inputs", lambda it: _input_request(ctx, it), input_answer, total=len(items))
+    responses = _response_stepper(ctx, "responses", "response", total=len(items))
+
+    def response_item(it, row):
+        return dict(it, input=row["input"], answer_stage=it["stage"])
+
+    def then(name, it, row):
+        if name != "inputs":
+            return None
+        if row.get("input"):
+            return [responses.request(response_item(it, row))]
+        responses.bar.update(1)  # no input (rejected or failed): no response to wait for
+        return None
+
+    first = []
+    for it in (dict(it, key=it["id"]) for it in items):
+        r = inputs.request(it)
+        if r is not None:
+            first.append(r)
+        elif inputs.done[it["key"]].get("input"):
+            first.append(responses.request(response_item(it, inputs.done[it["key"]])))
+        else:
+            responses.bar.update(1)
+    run_steps(ctx, {"inputs": inputs, "responses": responses}, first, then)
+    return inputs.done, responses.done
 
 
 def response_messages(ctx, persona_key: str, stage_id: str, type_: str, input_text: str,
@@ -119,26 +174,21 @@ def response_messages(ctx, persona_key: str, stage_id: str, type_: str, input_te
     return {"role": "system", "content": system}, {"role": "user", "content": user}
 
 
-def _response_step(ctx, name: str, items: list[dict], tag: str) -> dict[str, dict]:
+def _response_stepper(ctx, name: str, tag: str, total: int) -> Step:
     rc = ctx.cfg["responses"]
 
     def make(it):
         seed_chunk = ctx.chunk_by_id[it["seed_id"]] if it.get("seed_id") else None
         msgs = response_messages(ctx, it["persona"], it["answer_stage"], it["type"], it["input"], seed_chunk)
-        return Request(it["key"], msgs, seed=stable_seed(ctx.cfg["seed"], tag, it["key"]), **_sampling(ctx, "responses"))
+        return Request(it["key"], msgs, seed=stable_seed(ctx.cfg["seed"], tag, it["key"]),
+                       **_sampling(ctx, "responses"))
 
     def answer(it, text):
         parsed, reason = parse_response(text, rc)
         a, r = parsed if parsed else (None, None)
         return {"analysis": a, "response": r, "reason": reason, "raw": None if parsed else text}
 
-    return run_step(ctx, name, items, make, answer)
-
-
-def responses_step(ctx, items: list[dict], inputs: dict[str, dict]) -> dict[str, dict]:
-    todo = [dict(it, key=it["id"], input=inputs[it["id"]]["input"], answer_stage=it["stage"])
-            for it in items if it["id"] in inputs and inputs[it["id"]].get("input")]
-    return _response_step(ctx, "responses", todo, "response")
+    return Step(ctx, name, make, answer, total)
 
 
 def cross_temporal_step(ctx, train_rows: list[dict]) -> dict[str, dict]:
@@ -157,4 +207,6 @@ def cross_temporal_step(ctx, train_rows: list[dict]) -> dict[str, dict]:
             items.append({"key": f"{row['id']}@{other}", "id": row["id"], "persona": row["persona"],
                           "stage": row["stage"], "answer_stage": other, "type": row["type"],
                           "input": row["input"]})
-    return _response_step(ctx, "cross_temporal", items, "cross_temporal")
+    step = _response_stepper(ctx, "cross_temporal", "cross_temporal", total=len(items))
+    run_steps(ctx, {"cross_temporal": step}, [step.request(it) for it in items])
+    return {it["key"]: step.done[it["key"]] for it in items if it["key"] in step.done}

@@ -8,6 +8,7 @@ cache key, the cache entries, the identity written to the manifest, or any error
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -44,7 +45,7 @@ class Result:
     cached: bool = False
 
 
-OnResult = Callable[[Request, Result], None]
+OnResult = Callable[[Request, Result], "list[Request] | None"]
 
 
 class ResponseCache:
@@ -83,17 +84,24 @@ class Backend:
         self.stats: Counter = Counter()
 
     def run(self, requests: list[Request], on_result: OnResult) -> None:
-        """Answer every request, calling on_result(request, result) as each one is done (cache hits first)."""
-        todo = []
-        for r in requests:
-            text = self.cache.get(r)
-            if text is not None:
-                self.stats["cache_hits"] += 1
-                on_result(r, Result(text, cached=True))
-            else:
-                todo.append(r)
+        """Answer every request, calling on_result(request, result) as each one is done (cache hits
+        first). on_result may return follow-up requests, which are answered in the same run, so a
+        pipeline of steps keeps the annotator busy instead of waiting for each step's slowest item."""
+        todo = self._uncached(requests, on_result)
         if todo:
             self._run(todo, on_result)
+
+    def _uncached(self, requests, on_result: OnResult) -> list[Request]:
+        queue, todo = collections.deque(requests or ()), []
+        while queue:
+            r = queue.popleft()
+            text = self.cache.get(r)
+            if text is None:
+                todo.append(r)
+            else:
+                self.stats["cache_hits"] += 1
+                queue.extend(on_result(r, Result(text, cached=True)) or ())
+        return todo
 
     def _run(self, requests: list[Request], on_result: OnResult) -> None:
         raise NotImplementedError
@@ -191,9 +199,13 @@ class OpenAIBackend(Backend):
             return req, Result(None, f"gave_up_after_{retries + 1}_attempts_{last}")
 
         try:
-            for fut in asyncio.as_completed([asyncio.ensure_future(one(r)) for r in requests]):
-                req, res = await fut
-                on_result(req, res)
+            pending = {asyncio.ensure_future(one(r)) for r in requests}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: f.result()[0].key):
+                    req, res = fut.result()
+                    for more in self._uncached(on_result(req, res), on_result):
+                        pending.add(asyncio.ensure_future(one(more)))
         finally:
             await client.close()
         if fatal:
@@ -228,16 +240,17 @@ class LocalBackend(Backend):
             self.gen = Generator.load(self.spec)
             self.stats["load_seconds"] = round(time.perf_counter() - t, 2)
         bs = int(self.cfg["batch_size"])
-        order = sorted(requests, key=lambda r: sum(len(m["content"]) for m in r.messages))
-        for i in range(0, len(order), bs):
-            batch = order[i:i + bs]
+        queue = list(requests)
+        while queue:
+            queue.sort(key=lambda r: sum(len(m["content"]) for m in r.messages))  # similar lengths batch well
+            batch, queue = queue[:bs], queue[bs:]
             sp = [SamplingParams(max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                                  seed=r.seed) for r in batch]
             outs = self.gen.chat([list(r.messages) for r in batch], sp)
             self.stats["sent"] += len(batch)
             for r, c in zip(batch, outs):
                 self.cache.put(r, c.text)
-                on_result(r, Result(c.text))
+                queue += self._uncached(on_result(r, Result(c.text)), on_result)
 
 
 def make_backend(spec: str, base_url: str | None, cfg: dict, cache_dir: Path) -> Backend:

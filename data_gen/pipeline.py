@@ -152,16 +152,8 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     write_jsonl(ctx.work / "plan.jsonl", items)
 
     t0 = time.perf_counter()
-    inputs = annotate.inputs_step(ctx, items)
-    timed("inputs", t0)
-
-    t0 = time.perf_counter()
-    if cfg["retrieval"]["method"] == "dense":  # embed every query in one batch
-        from .retrieval import Embedder
-
-        Embedder.get(cfg["retrieval"]["model"]).encode([r["input"] for r in inputs.values() if r.get("input")])
-    responses = annotate.responses_step(ctx, items, inputs)
-    timed("responses", t0)
+    inputs, responses = annotate.inputs_and_responses(ctx, items)
+    timed("inputs_responses", t0)
 
     # -- assemble items, dedup, split --------------------------------------------------------------
     rejected: list[dict] = []
