@@ -111,8 +111,10 @@ class Generator:
 
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, *, dtype=jnp.float32, lora=None,
                  lora_scale: float = 1.0, eos_token_ids=(), chunk: int = 32):
-        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
-        self.dtype, self.lora, self.lora_scale, self.chunk = dtype, lora, float(lora_scale), chunk
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.params = {**params, "layers": M.unstack_layers(params["layers"], cfg.num_layers)}
+        self.lora = M.unstack_layers(lora, cfg.num_layers)
+        self.dtype, self.lora_scale, self.chunk = dtype, float(lora_scale), chunk
         eos = set(cfg.eos_token_ids) | set(eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)

@@ -192,13 +192,21 @@ def forward(params, cfg, tokens, positions, segment_ids, **kw) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> Params:
-    """Preallocated cache; slots whose `seg` is 0 are empty and never attended to."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """Preallocated cache, one k/v buffer per layer; slots whose `seg` is 0 are empty and never attended to."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     return {
-        "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
         "seg": jnp.zeros((batch, length), jnp.int32), "pos": jnp.zeros((batch, length), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
+
+
+def unstack_layers(tree: Params | None, num_layers: int) -> list | None:
+    """Stacked `[L, ...]` layer leaves -> a list of per-layer trees (for the unrolled decode path)."""
+    if tree is None:
+        return None
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(num_layers)]
 
 
 def forward_cached(
@@ -209,13 +217,15 @@ def forward_cached(
     segment_ids: jax.Array,
     cache: Params,
     *,
-    lora: Params | None = None,
+    lora: list | None = None,
     lora_scale: float = 1.0,
     dtype=jnp.float32,
     last_only: bool = True,
 ) -> tuple[jax.Array, Params]:
     """Run `tokens` [B, T] into slots [index, index+T) of the cache; returns (logits, new cache).
 
+    `params["layers"]` and `lora` are per-layer lists here (see `unstack_layers`): the layers are unrolled,
+    because on CPU a scan's dynamic slice of the stacked weights costs a copy of every weight per token.
     With `last_only`, logits are computed for the last position only ([B, V]), which is all decoding needs.
     """
     T = tokens.shape[1]
@@ -225,26 +235,19 @@ def forward_cached(
     mask = attention_mask(segment_ids, index + jnp.arange(T), positions, seg, pos, cfg.sliding_window)
     cos, sin = rope_cos_sin(cfg, positions)
     h = params["embed_tokens"][tokens].astype(jnp.float32)
+    new_k, new_v = [], []
+    for i, layer in enumerate(params["layers"]):
 
-    def body(carry, xs):
-        h, ck, cv = carry
-        layer, lora_layer, i = xs
+        def kv_fn(k, v, i=i):
+            new_k.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, index, 0, 0)))
+            new_v.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, index, 0, 0)))
+            return new_k[-1], new_v[-1], mask
 
-        def kv_fn(k, v):
-            nonlocal ck, cv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (i, 0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (i, 0, index, 0, 0))
-            return ck[i], cv[i], mask
-
-        h = _layer(cfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn)
-        return (h, ck, cv), None
-
-    xs = (params["layers"], lora, jnp.arange(cfg.num_layers))
-    (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), xs)
+        h = _layer(cfg, dtype, lora_scale, h, layer, None if lora is None else lora[i], cos, sin, kv_fn)
     if last_only:
         h = h[:, -1]
     logits = logits_from_hidden(params, rms_norm(h, params["norm"], cfg.rms_norm_eps, dtype))
-    return logits, {"k": ck, "v": cv, "seg": seg, "pos": pos, "index": index + T}
+    return logits, {"k": new_k, "v": new_v, "seg": seg, "pos": pos, "index": index + T}
 
 
 def param_count(params: Params) -> int:

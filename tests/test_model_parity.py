@@ -38,15 +38,16 @@ def test_cached_forward_matches_full(arch, tmp_path):
     save_tiny(arch, tmp_path)
     loaded = load_model(str(tmp_path))
     cfg, params = loaded.cfg, loaded.params
+    unstacked = {**params, "layers": M.unstack_layers(params["layers"], cfg.num_layers)}
     tokens, mask = _batch(cfg.vocab_size, [12, 12], 12, seed=1)
     pos = np.broadcast_to(np.arange(12), (2, 12))
     full = np.asarray(M.forward(params, cfg, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(mask)))
     cache = M.init_cache(cfg, 2, 16)
-    logits, cache = M.forward_cached(params, cfg, jnp.asarray(tokens[:, :8]), jnp.asarray(pos[:, :8]),
+    logits, cache = M.forward_cached(unstacked, cfg, jnp.asarray(tokens[:, :8]), jnp.asarray(pos[:, :8]),
                                      jnp.asarray(mask[:, :8]), cache, last_only=False)
     steps = [np.asarray(logits)]
     for t in range(8, 12):
-        logit, cache = M.forward_cached(params, cfg, jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
+        logit, cache = M.forward_cached(unstacked, cfg, jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
                                         jnp.asarray(mask[:, t:t + 1]), cache)
         steps.append(np.asarray(logit)[:, None])
     assert np.abs(np.concatenate(steps, 1) - full).max() <= 1e-4
