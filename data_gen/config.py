@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import DataGenError
+from .errors import DataGenError, read_yaml
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -94,14 +94,7 @@ def load_config(path: str | Path | None = None, sets: tuple[str, ...] | list[str
     cfg = copy.deepcopy(DEFAULTS)
     if path:
         p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise DataGenError(f"{p}: config file not found") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise DataGenError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = read_yaml(p, "config file") or {}
         if not isinstance(data, dict):
             raise DataGenError(f"{p}: config must be a YAML mapping")
         _merge(cfg, data, str(p))

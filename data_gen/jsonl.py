@@ -47,7 +47,7 @@ def read_jsonl(path: Path) -> list[dict]:
         except (ValueError, UnicodeDecodeError):
             if i == len(lines) - 1:  # torn tail from a kill mid-write
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON")
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
     return rows
 
 

@@ -12,9 +12,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-import yaml
-
-from .errors import DataGenError
+from .errors import DataGenError, read_yaml
 
 KINDS = ("objective", "subjective")
 SUFFIXES = (".txt", ".md")
@@ -59,16 +57,7 @@ class Chunk:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataGenError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise DataGenError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise DataGenError(f"{path}: expected a mapping with keys name, stages (and description, language)")
     return data

@@ -21,7 +21,7 @@ from . import annotate, dpo_pairs, mixing, split
 from .backends import make_backend
 from .config import fingerprint
 from .errors import DataGenError
-from .jsonl import atomic_write_text, read_jsonl, write_jsonl
+from .jsonl import atomic_write_text, write_jsonl
 from .materials import chunk_persona, load_personas
 from .prompts import Templates, format_cot
 from .retrieval import Index
@@ -206,20 +206,27 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     write_jsonl(out / "dpo" / "train.jsonl", sorted(pairs, key=lambda r: r["id"]))
     timed("write", t0)
 
+    steps = {"inputs_ok": [it for it in items if (inputs.get(it["id"]) or {}).get("input")],
+             "responses_ok": [it for it in items if (responses.get(it["id"]) or {}).get("response")],
+             "dedup_kept": kept}
     manifest = _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, len(train_rows),
-                         timings, time.perf_counter() - t_start)
+                         timings, time.perf_counter() - t_start, steps)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     echo(summary_table(manifest))
     return manifest
 
 
-def _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, n_train_rows, timings, total):
+def _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, n_train_rows, timings, total,
+              steps):
     counts: dict = {}
+    names = ("planned", "inputs_ok", "responses_ok", "dedup_kept", "rejected", "train", "test", "dpo")
     for p in ctx.personas.values():
-        counts[p.key] = {s.id: {"planned": Counter(), "rejected": Counter(), "train": Counter(), "test": Counter(),
-                                "dpo": Counter()} for s in p.stages}
+        counts[p.key] = {s.id: {k: Counter() for k in names} for s in p.stages}
     for it in items:
         counts[it["persona"]][it["stage"]]["planned"][it["type"]] += 1
+    for name, rows in steps.items():
+        for it in rows:
+            counts[it["persona"]][it["stage"]][name][it["type"]] += 1
     by_id = {it["id"]: it for it in items}
     for r in rejected:
         it = by_id[r["id"]]

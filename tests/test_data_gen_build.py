@@ -68,9 +68,15 @@ def check_corpus(out: Path, m: dict):
     placed = [r["id"] for r in train] + [r["id"] for r in test] + [r["id"] for r in m["rejected"]]
     assert sorted(placed) == sorted(plan) and len(set(plan)) == len(plan) == t["planned"]
     assert t["planned"] == t["rejected"] + t["sft_train"] + t["sft_test"]
+    by_id = {r["id"]: r["type"] for r in read_jsonl(out / "work" / "plan.jsonl")}
     for p, stages in m["counts"].items():
         for s, c in stages.items():
-            assert sum(c["planned"].values()) == sum(c["rejected"].values()) + sum(c["train"].values()) + sum(c["test"].values())
+            n = {k: sum(v.values()) for k, v in c.items()}
+            assert n["planned"] == n["rejected"] + n["train"] + n["test"]
+            assert n["dedup_kept"] == n["train"] + n["test"] <= n["responses_ok"] <= n["inputs_ok"] <= n["planned"]
+            for t in c["planned"]:  # per type too
+                assert c["planned"][t] == sum(1 for r in m["rejected"] if r["id"].startswith(f"{p}/{s}/") and
+                                              by_id[r["id"]] == t) + c["train"].get(t, 0) + c["test"].get(t, 0)
     assert sum(m["rejected_by_reason"].values()) == t["rejected"]
     assert len({r["id"] for r in dpo}) == len(dpo)
     return train, test, dpo
@@ -94,8 +100,8 @@ def test_build_demo_against_faulty_server(api_key, tmp_path):
         assert {r["persona"] for r in train} == {"ada_lovelace", "charles_darwin", "marie_curie"}
         assert any(k.startswith("responses:") for k in m["rejected_by_reason"])  # the server sends some bad answers
         # the train/test split is 80/20 per persona and stage
-        for p, stages in m["counts"].items():
-            for s, c in stages.items():
+        for stages in m["counts"].values():
+            for c in stages.values():
                 n_tr, n_te = sum(c["train"].values()), sum(c["test"].values())
                 assert n_te == round((n_tr + n_te) * 0.2)
         # cross-temporal pairs: same user input, the chosen answer is for this stage, rejected for another

@@ -230,3 +230,21 @@ def test_cache_key_ignores_item_key_and_holds_no_secret(tmp_path):
     assert c.key(a) == c.key(b) and c.key(a) != c.key(Request("k1", a.messages, 10, 0.5, 1.0, 4))
     c.put(a, "answer")
     assert c.get(b) == "answer"
+
+
+def test_openai_backend_endpoint_and_key_from_environment(tmp_path, monkeypatch):
+    from data_gen.backends import make_backend
+
+    cfg = load_config()["annotator"]
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(DataGenError, match="set OPENAI_API_KEY"):
+        make_backend("openai:gpt-x", None, cfg, tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-abc")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://user:pw@127.0.0.1:8000/v1?token=t")
+    b = make_backend("openai:gpt-x", None, cfg, tmp_path)
+    assert b.identity == {"backend": "openai", "model": "gpt-x", "base_url": "http://127.0.0.1:8000/v1"}
+    assert make_backend("openai:gpt-x", "http://127.0.0.1:9/v1", cfg, tmp_path).base_url == "http://127.0.0.1:9/v1"
+    assert "sk-abc" not in json.dumps(b.identity) + json.dumps(b.cache.namespace)
+    with pytest.raises(DataGenError, match="no such model folder"):
+        make_backend("local:/nope/model.gguf", None, cfg, tmp_path)
