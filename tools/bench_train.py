@@ -1,0 +1,202 @@
+"""Benchmark: our LoRA SFT vs TRL `SFTTrainer` + PEFT, same weights, data and LoRA settings, both on the CPU.
+
+    python tools/bench_train.py [--n 48] [--batch-rows 4] [--trl-batch 8] [--skip-trl]
+
+Model: SmolLM2-135M-Instruct (the embedded GGUF; transformers dequantizes the same file for TRL). LoRA r=16,
+alpha=32, dropout 0, on all seven linear layers; AdamW, lr 1e-4, fp32. Data: a fixed set of persona-style
+conversations (system + user + assistant with [Analysis]/[Response] CoT) whose templated lengths spread over
+64-512 tokens. Loss on the assistant answer only on both sides (TRL: prompt/completion format with
+completion_only_loss). Both run one epoch; the first step (compilation / warm-up) is excluded from timing.
+
+Metric: useful tokens per second = non-padding tokens of the conversations processed per second of
+training. Ours packs conversations into rows of 512 with segment ids; TRL runs its default (one conversation
+per row, padded to the longest in the batch).
+
+MFU = tokens/s x FLOPs/token / peak, peak = measured fp32 matmul FLOP/s (2048^3, jax, same machine).
+FLOPs/token (LoRA, frozen base) = 4·N + 6·N_lora + 3·A with N = matmul weights of all layers + the vocabulary
+projection, N_lora = adapter params, A = 4·L·H·hd·T (forward attention, T = 512): see train.flops_per_token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PERSONAS = [("Hermione Granger", "1994"), ("Harry Potter", "1998"), ("Albus Dumbledore", "1996"),
+            ("Ron Weasley", "1995")]
+TOPICS = ["the library", "house-elves", "Quidditch", "the Triwizard Tournament", "Hogsmeade", "Professor Snape",
+          "the Ministry", "Divination", "time-turners", "Azkaban", "Gryffindor common room", "the Burrow"]
+PHRASES = ["Honestly, I think", "You have to understand that", "When I first read about it,", "It's not that simple;",
+           "I remember clearly that", "Of course, the real question is whether", "Frankly,", "To be fair,",
+           "What people forget is that", "I'd argue that"]
+WORDS = ("magic rules friends study careful brave loyal history wand spell castle owl letter teacher exam rights "
+         "fair wrong right always never perhaps certainly reason evidence book chapter night storm fire truth "
+         "promise danger courage lesson mistake practice patience").split()
+
+
+def n_tokens(tok, conv) -> int:
+    return len(tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"])
+
+
+def make_conversations(tok, n: int, seed: int = 0, lo: int = 64, hi: int = 496):
+    """Single-turn persona conversations whose templated token length is spread uniformly over [lo, hi]."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name, year = PERSONAS[i % len(PERSONAS)]
+        topic = rng.choice(TOPICS)
+        target = lo + (hi - lo) * i / max(n - 1, 1)
+        msgs = [{"role": "system", "content": f"Now it's {year}. You are {name}. Stay in character."},
+                {"role": "user", "content": f"What do you really think about {topic}?"}]
+        words = [f"[Analysis] The user asks about {topic}; as {name} I answer from my own experience. [Response]"]
+        while True:
+            conv = msgs + [{"role": "assistant", "content": " ".join(words)}]
+            n_tok = n_tokens(tok, conv)
+            if n_tok >= target - 4:
+                break
+            s = rng.choice(PHRASES) + " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "."
+            words.append(s)
+        out.append(conv)
+    rng.shuffle(out)
+    return out
+
+
+def run_ours(convs, args, tmp: Path):
+    import jax
+
+    from persllm_jax import train as T
+    from persllm_jax.train_config import load_config
+    from persllm_jax.weights import load_model, load_tokenizer
+
+    corpus = tmp / "corpus"
+    (corpus / "sft").mkdir(parents=True, exist_ok=True)
+    (corpus / "sft" / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    sets = ["epochs=1", f"batch_size={args.batch_rows}", "max_length=512", "learning_rate=1e-4", "warmup_steps=0",
+            "lora.rank=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all-linear", "weight_decay=0",
+            f"dtype={args.dtype}", "mesh.data=1", "log_every=100000", f"peak_tflops={args.peak / 1e12}",
+            "shuffle=true", "seed=0"]
+    cfg = load_config(overrides=sets, base={"model": "smollm2", "data": str(corpus)})
+    loaded, tok = load_model("smollm2"), load_tokenizer("smollm2")
+    t0 = time.perf_counter()
+    out = T.run(cfg, tmp / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
+                log=lambda s: print("  ours:", s))
+    wall = time.perf_counter() - t0
+    last = out["last"]
+    return {"tokens_per_s": last["tokens_per_s"], "steps": out["steps"], "wall_s": wall,
+            "flops_per_token": out["flops_per_token"], "final_loss": last["loss"],
+            "tokens": out["stats"].tokens, "trained_tokens": out["stats"].trained_tokens}
+
+
+def ours_fpt():
+    from persllm_jax import lora as L, train as T
+    from persllm_jax.weights import load_model
+
+    cfg = load_model("smollm2").cfg
+    n_lora = cfg.num_layers * 16 * sum(i + o for i, o in T.linear_shapes(cfg).values())
+    return T.flops_per_token(cfg, 512, n_lora)
+
+
+def run_trl(convs, args, tmp: Path):
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from persllm_jax.weights import embedded_model_path, load_tokenizer
+
+    torch.manual_seed(0)
+    gguf = embedded_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                              dtype=torch.float32)
+    tok = load_tokenizer("smollm2")
+    ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
+    cfg = SFTConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=args.trl_batch,
+                    gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
+                    weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
+                    max_length=512, packing=False, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
+                    seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
+    counts, times = [], []
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting
+    trainer.train_dataset  # noqa: B018  (dataset already tokenized by the trainer)
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    t0 = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - t0
+    steps = len(times)
+    tokens = sum(counts[1:steps])  # steps 2..K (the collator is called in step order)
+    return {"tokens_per_s": tokens / (times[-1] - times[0]), "steps": steps, "wall_s": wall,
+            "final_loss": result.training_loss, "tokens": sum(counts[:steps]),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=48, help="conversations (one epoch each side)")
+    ap.add_argument("--batch-rows", type=int, default=4, help="our packed rows of 512 tokens per step")
+    ap.add_argument("--trl-batch", type=int, default=8, help="TRL conversations per step")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from persllm_jax.train import measure_peak_flops
+    from persllm_jax.weights import load_tokenizer
+
+    args.peak = measure_peak_flops()
+    tok = load_tokenizer("smollm2")
+    convs = make_conversations(tok, args.n)
+    lens = sorted(n_tokens(tok, c) for c in convs)
+    print(f"data: {len(convs)} conversations, templated lengths {lens[0]}..{lens[-1]} (median {lens[len(lens) // 2]}),"
+          f" {sum(lens)} tokens; measured matmul peak {args.peak / 1e9:.1f} GFLOP/s")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        ours = run_ours(convs, args, tmp) if not args.skip_ours else {"tokens_per_s": float("nan"), "steps": 0,
+                                                                      "flops_per_token": ours_fpt(), "final_loss": float("nan")}
+        mfu = ours["tokens_per_s"] * ours["flops_per_token"] / args.peak
+        print(f"ours: {ours['tokens_per_s']:.1f} tokens/s, {ours['steps']} steps, MFU {100 * mfu:.1f}% "
+              f"({ours['flops_per_token'] / 1e9:.3f} GFLOP/token), final loss {ours['final_loss']:.4f}")
+        res = {"ours": ours, "mfu": mfu, "peak_flops": args.peak, "lengths": [lens[0], lens[-1]]}
+        if not args.skip_trl:
+            trl = run_trl(convs, args, tmp)
+            trl_mfu = trl["tokens_per_s"] * ours["flops_per_token"] / args.peak
+            print(f"TRL SFTTrainer + PEFT: {trl['tokens_per_s']:.1f} tokens/s, {trl['steps']} steps, MFU "
+                  f"{100 * trl_mfu:.1f}%, mean loss {trl['final_loss']:.4f}, torch threads {trl['torch_threads']}")
+            ratio = ours["tokens_per_s"] / trl["tokens_per_s"]
+            print(f"ratio ours / TRL (useful tokens per second): {ratio:.2f}x  (target >= 2x)")
+            res.update(trl=trl, trl_mfu=trl_mfu, ratio=ratio)
+    print("FLOPs/token = 4*N + 6*N_lora + 3*A; N = layer matmul weights + vocab projection, "
+          "A = 4*L*H*hd*T (T=512); MFU = tokens/s * FLOPs/token / measured matmul peak")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
