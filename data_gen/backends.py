@@ -152,14 +152,16 @@ class OpenAIBackend(Backend):
 
         async def one(req: Request) -> tuple[Request, Result]:
             retries = int(self.cfg["retries"])
-            last = "unknown"
+            last, retry_after = "unknown", 0.0
             for attempt in range(retries + 1):
                 if fatal:
                     return req, Result(None, "aborted")
                 if attempt:
                     self.stats[f"retry_{last}"] += 1
                     cap = min(float(self.cfg["backoff_max"]), float(self.cfg["backoff_base"]) * 2 ** (attempt - 1))
-                    await asyncio.sleep(random.uniform(0, cap))  # exponential backoff, full jitter
+                    # exponential backoff with full jitter, but never sooner than a 429's Retry-After
+                    await asyncio.sleep(max(random.uniform(0, cap), min(retry_after, float(self.cfg["backoff_max"]))))
+                    retry_after = 0.0
                 try:
                     async with sem:
                         self.stats["sent"] += 1
@@ -170,8 +172,12 @@ class OpenAIBackend(Backend):
                     text = resp.choices[0].message.content
                     if not isinstance(text, str):
                         raise TypeError("no message content")
-                except openai.RateLimitError:
+                except openai.RateLimitError as e:
                     last = "429"
+                    try:
+                        retry_after = float(e.response.headers.get("retry-after") or 0)
+                    except (TypeError, ValueError, AttributeError):
+                        retry_after = 0.0
                     continue
                 except openai.APITimeoutError:
                     last = "timeout"

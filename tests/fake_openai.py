@@ -118,18 +118,15 @@ class FakeOpenAI:
                 fault = fake._fault(h, attempt)
                 if fake.latency:
                     time.sleep(fake.latency)
-                if fault is None and fake.hold_after is not None:
+                with fake.lock:  # decide and log in one step, so hold_after is exact under concurrency
+                    held = fault is None and fake.hold_after is not None and \
+                        sum(1 for _, o in fake.log if o == "ok") >= fake.hold_after
+                    fake.log.append((h, "held" if held else fault or "ok"))
+                if held:
+                    fake.release.wait(60)
                     with fake.lock:
-                        held = sum(1 for _, o in fake.log if o == "ok") >= fake.hold_after
-                    if held:
-                        with fake.lock:
-                            fake.log.append((h, "held"))
-                        fake.release.wait(60)
-                        with fake.lock:
-                            fake.attempts[h] -= 1
-                        return self._send(503, b'{"error": {"message": "held"}}')
-                with fake.lock:
-                    fake.log.append((h, fault or "ok"))
+                        fake.attempts[h] -= 1
+                    return self._send(503, b'{"error": {"message": "held"}}')
                 if fault == "429":
                     return self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}')
                 if fault == "500":

@@ -74,9 +74,9 @@ def check_corpus(out: Path, m: dict):
             n = {k: sum(v.values()) for k, v in c.items()}
             assert n["planned"] == n["rejected"] + n["train"] + n["test"]
             assert n["dedup_kept"] == n["train"] + n["test"] <= n["responses_ok"] <= n["inputs_ok"] <= n["planned"]
-            for t in c["planned"]:  # per type too
-                assert c["planned"][t] == sum(1 for r in m["rejected"] if r["id"].startswith(f"{p}/{s}/") and
-                                              by_id[r["id"]] == t) + c["train"].get(t, 0) + c["test"].get(t, 0)
+            for typ in c["planned"]:  # per type too
+                assert c["planned"][typ] == sum(1 for r in m["rejected"] if r["id"].startswith(f"{p}/{s}/") and
+                                                by_id[r["id"]] == typ) + c["train"].get(typ, 0) + c["test"].get(typ, 0)
     assert sum(m["rejected_by_reason"].values()) == t["rejected"]
     assert len({r["id"] for r in dpo}) == len(dpo)
     return train, test, dpo
