@@ -284,3 +284,41 @@ def test_dense_retrieval_with_minilm(api_key, tmp_path):
     check_corpus(out, m)
     assert m["config"]["retrieval"]["method"] == "dense" and resp_sys
     assert len(list((out / "work" / "emb").glob("*.npy"))) == 8
+
+
+def test_failed_requests_exit_3_and_a_rerun_retries_only_them(tmp_path):
+    out = tmp_path / "corpus"
+    args = ["--personas", str(DEMO), "--out", str(out), "--annotator", "openai:fake"] + \
+        [a for s in SMALL + ["annotator.retries=0", "dpo.cross_temporal=false"] for a in ("--set", s)]
+    with FakeOpenAI(fault_rate=0.3, slow_seconds=1.0) as srv:
+        rc, _, err = run_cli(args + ["--base-url", srv.url])
+        assert rc == 3 and "rerun the same command" in err
+        m = json.loads((out / "manifest.json").read_text())
+        failed = {r["id"] for r in m["rejected"] if r["reason"] == "annotator_failed"}
+        assert failed and all(r["error"].startswith("gave_up_after_1_attempts") for r in m["rejected"]
+                              if r["reason"] == "annotator_failed")
+        for _ in range(5):  # a retried input's response is new and may fail its first attempt in turn
+            answered, mark = srv.answered, len(srv.log)
+            rc, _, err = run_cli(args + ["--base-url", srv.url])
+            assert not ({h for h, _ in srv.log[mark:]} & answered)
+            if rc != 3:
+                break
+        assert rc == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert "annotator_failed" not in json.dumps(m["rejected_by_reason"])
+    check_corpus(out, m)
+
+
+def test_changed_settings_refuse_to_reuse_work_unless_restart(api_key, tmp_path):
+    out = tmp_path / "corpus"
+    with FakeOpenAI() as srv:
+        build(str(DEMO), str(out), "openai:m", load_config(None, SMALL), base_url=srv.url, progress=False,
+              echo=lambda s: None)
+        n = len(srv.log)
+        other = load_config(None, SMALL + ["split.test_fraction=0.5"])
+        with pytest.raises(Exception, match=r"was built with other fingerprint.*--restart"):
+            build(str(DEMO), str(out), "openai:m", other, base_url=srv.url, progress=False, echo=lambda s: None)
+        m = build(str(DEMO), str(out), "openai:m", other, base_url=srv.url, restart=True, progress=False,
+                  echo=lambda s: None)
+        assert len(srv.log) == n and m["requests"]["cache_hits"] > 0  # redone from the cache
+    check_corpus(out, m)
