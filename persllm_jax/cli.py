@@ -15,6 +15,21 @@ def main():
     MODEL arguments accept a Hugging Face directory (safetensors), a .gguf file, or `smollm2` for the
     embedded default SmolLM2-135M-Instruct.
     """
+    _enable_compilation_cache()
+
+
+def _enable_compilation_cache():
+    """Keep compiled XLA programs across runs (PERSLLM_CACHE, default ~/.cache/persllm_jax; PERSLLM_XLA_CACHE=0 disables)."""
+    import os
+
+    if os.environ.get("PERSLLM_XLA_CACHE", "1") == "0":
+        return
+    import jax
+
+    from .weights import cache_root
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _register():

@@ -79,14 +79,14 @@ def _prefill(params, lora, lora_scale, tokens, positions, segments, *, cfg: Mode
 
 
 @partial(jax.jit, static_argnames=("cfg", "dtype", "n_steps", "greedy"), donate_argnames=("cache",))
-def _decode(params, lora, lora_scale, cache, state, sampling, *, cfg: ModelConfig, dtype, n_steps: int, greedy: bool):
-    """Up to `n_steps` tokens per row (fewer if every row finished). state: logits, next_pos, done, step."""
+def _decode(params, lora, lora_scale, cache, state, sampling, limit, *, cfg: ModelConfig, dtype, n_steps: int, greedy: bool):
+    """Up to min(n_steps, limit) tokens per row, fewer if every row finished. state: logits, next_pos, done, step."""
     eos, pad, keys, temperature, top_k, top_p = sampling
     B = state["done"].shape[0]
 
     def cond(carry):
         t, _, st, _ = carry
-        return (t < n_steps) & ~jnp.all(st["done"])
+        return (t < jnp.minimum(n_steps, limit)) & ~jnp.all(st["done"])
 
     def body(carry):
         t, out, st, cache = carry
@@ -194,9 +194,12 @@ class Generator:
         produced = 0
         while produced < max_new and not all(finish):
             out, t, state, cache = _decode(self.params, self.lora, self.lora_scale, cache, state, sampler,
-                                           cfg=self.cfg, dtype=self.dtype, n_steps=chunk, greedy=greedy)
+                                           jnp.int32(max_new - produced), cfg=self.cfg, dtype=self.dtype,
+                                           n_steps=chunk, greedy=greedy)
             out, t = np.asarray(out), int(t)
-            produced += chunk
+            if t == 0:  # every row finished on the device
+                break
+            produced += t
             for i in range(n):
                 if finish[i]:
                     continue

@@ -218,38 +218,64 @@ def gguf_hf_config(reader, path: str) -> dict:
 
 
 def load_gguf(path: str | Path, dtype=jnp.float32) -> LoadedModel:
+    """Dequantize a GGUF file. Small files are converted once into an HF directory in the cache, since
+    parsing GGUF metadata alone takes ~10 s for a 49k-token vocabulary."""
+    path = str(path)
+    cached = gguf_cache_dir(path)
+    if (cached / "model.safetensors").is_file():
+        loaded = load_hf_dir(cached, dtype)
+        return LoadedModel(loaded.cfg, loaded.params, path, loaded.hf_config)
+    state, hf_config = _read_gguf(path)
+    cfg = from_hf_dict(hf_config, path)
+    if os.path.getsize(path) <= GGUF_CACHE_MAX_BYTES:
+        _write_cache(cached, state, hf_config)
+    params = params_from_hf_state(cfg, state, dtype, path)
+    return LoadedModel(cfg, params, path, hf_config)
+
+
+GGUF_CACHE_MAX_BYTES = 1 << 30  # files above this are dequantized on every load rather than cached in fp32
+
+
+def _read_gguf(path: str) -> tuple[dict[str, np.ndarray], dict]:
     import gguf
 
-    path = str(path)
     reader = gguf.GGUFReader(path)
     hf_config = gguf_hf_config(reader, path)
     cfg = from_hf_dict(hf_config, path)
     arch = _gguf_field(reader, "general.architecture")
-
-    def dequant(t) -> np.ndarray:
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
-            [int(s) for s in reversed(t.shape)]
-        )
-
-    state: dict[str, np.ndarray] = {}
     gguf_to_hf = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                   "output.weight": "lm_head.weight"}
     for i in range(cfg.num_layers):
         for ours, theirs in GGUF_LAYER_NAMES.items():
             for leaf in ("weight", "bias"):
                 gguf_to_hf[f"blk.{i}.{theirs}.{leaf}"] = hf_layer_key(ours, i, leaf)
+    state: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name not in gguf_to_hf:
             raise WeightsError(f"{path}: unexpected GGUF tensor {t.name!r}")
-        w = dequant(t)
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        w = w.reshape([int(s) for s in reversed(t.shape)])
         key = gguf_to_hf[t.name]
         # llama.cpp permutes Q/K rows of Llama checkpoints for its rotary layout; undo it.
         if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = cfg.num_heads if ".q_proj." in key else cfg.num_kv_heads
             w = w.reshape(heads, cfg.head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-        state[key] = w
-    params = params_from_hf_state(cfg, state, dtype, path)
-    return LoadedModel(cfg, params, path, hf_config)
+        state[key] = np.ascontiguousarray(w)
+    return state, hf_config
+
+
+def _write_cache(cached: Path, state: dict[str, np.ndarray], hf_config: dict) -> None:
+    """Write the dequantized weights next to the cached tokenizer; the final rename makes the entry complete."""
+    from safetensors.numpy import save_file
+
+    try:
+        cached.mkdir(parents=True, exist_ok=True)
+        (cached / "config.json").write_text(json.dumps(hf_config, indent=2))
+        tmp = cached / f"model.safetensors.tmp{os.getpid()}"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, cached / "model.safetensors")
+    except OSError:
+        pass  # a read-only or full cache only costs the conversion next time
 
 
 def load_model(spec: str | None, dtype=jnp.float32) -> LoadedModel:
@@ -260,11 +286,18 @@ def load_model(spec: str | None, dtype=jnp.float32) -> LoadedModel:
 # --- tokenizer --------------------------------------------------------------------------------------
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     base = os.environ.get("PERSLLM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "persllm_jax"
     )
     return Path(base)
+
+
+def gguf_cache_dir(path: str) -> Path:
+    """Where a GGUF file's tokenizer and dequantized weights are cached, keyed by path, size and mtime."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / key
 
 
 def load_tokenizer(spec: str | None):
@@ -274,17 +307,18 @@ def load_tokenizer(spec: str | None):
     path = resolve_model_path(spec)
     if not path.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(path)
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = _cache_root() / "tokenizers" / key
-    if (cached / "tokenizer.json").is_file():
+    cached = gguf_cache_dir(path)
+    if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    tmp = cached.with_name(cached.name + f".tok{os.getpid()}")
     try:
         tok.save_pretrained(str(tmp))
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, cached)
+        cached.mkdir(parents=True, exist_ok=True)
+        # tokenizer_config.json is the marker of a complete cache entry, so it moves last.
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer_config.json"):
+            os.replace(f, cached / f.name)
+        tmp.rmdir()
     except OSError:
         pass  # a read-only cache only costs the conversion next time
     return tok

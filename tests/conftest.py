@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF conversions and compiled programs go to a per-session cache, never the user's home.
+os.environ.setdefault("PERSLLM_CACHE", tempfile.mkdtemp(prefix="persllm-test-cache-"))
 
 import jax  # noqa: E402
 

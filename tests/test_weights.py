@@ -12,7 +12,7 @@ import torch
 
 from persllm_jax import model as M
 from persllm_jax.config import ModelConfigError
-from persllm_jax.weights import WeightsError, embedded_model_path, load_model, load_tokenizer
+from persllm_jax.weights import WeightsError, embedded_model_path, gguf_cache_dir, load_model, load_tokenizer
 from tiny import save_tiny
 
 
@@ -81,6 +81,12 @@ def smollm2_hf():
 def test_smollm2_gguf_matches_transformers_kl(smollm2_hf):
     loaded = load_model("smollm2")
     assert loaded.cfg.num_layers == 30 and loaded.cfg.tie_word_embeddings
+    # The first load converted the GGUF into the cache; the second reads it back unchanged.
+    assert (gguf_cache_dir(embedded_model_path()) / "model.safetensors").is_file()
+    again = load_model("smollm2")
+    assert again.source == loaded.source and again.cfg == loaded.cfg
+    np.testing.assert_array_equal(np.asarray(again.params["layers"]["k_proj"]["kernel"]),
+                                  np.asarray(loaded.params["layers"]["k_proj"]["kernel"]))
     tok = load_tokenizer("smollm2")
     messages = [{"role": "system", "content": "You are Ada Lovelace. Now it's 1843."},
                 {"role": "user", "content": "What do you think the Analytical Engine could do beyond numbers?"}]
