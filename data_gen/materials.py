@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import DataGenError, read_yaml
 
 KINDS = ("objective", "subjective")
+UNSORTED = "unsorted"  # a stage folder of unsorted materials, sorted by the annotator (data_gen.classify)
 SUFFIXES = (".txt", ".md")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
@@ -103,10 +104,13 @@ def load_persona(folder: Path) -> Persona:
         if sub.is_dir() and not sub.name.startswith(".") and sub.name not in ids:
             raise DataGenError(f"{sub}: unknown stage '{sub.name}' (stages in {yml.name}: {', '.join(s.id for s in stages)})")
     for s in stages:
+        if (folder / s.id / UNSORTED).is_dir():
+            continue
         for kind in KINDS:
             d = folder / s.id / kind
             if not d.is_dir():
-                raise DataGenError(f"{d}: missing folder (stage '{s.id}' needs objective/ and subjective/)")
+                raise DataGenError(f"{d}: missing folder (stage '{s.id}' needs objective/ and subjective/, "
+                                   f"or unsorted/ for the annotator to sort)")
     return Persona(folder.name, data["name"], str(data.get("description") or ""), str(data.get("language") or "en"),
                    stages, folder)
 
@@ -164,10 +168,13 @@ def read_paragraphs(path: Path) -> list[tuple[int, str]]:
 
 
 def chunk_persona(p: Persona, max_words: int) -> list[Chunk]:
+    """Chunks of every stage; those from unsorted/ have kind "unsorted" until the annotator sorts them."""
     chunks: list[Chunk] = []
     for s in p.stages:
-        for kind in KINDS:
+        for kind in KINDS + (UNSORTED,):
             d = p.path / s.id / kind
+            if not d.is_dir():
+                continue  # load_persona checked that objective/ + subjective/ or unsorted/ exist
             files = [f for f in sorted(d.iterdir()) if f.is_file() and f.suffix in SUFFIXES and not f.name.startswith(".")]
             n = 0
             for f in files:

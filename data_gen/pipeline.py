@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import annotate, dpo_pairs, mixing, split
+from .classify import classify_unsorted
 from .backends import make_backend
 from .config import fingerprint
 from .errors import DataGenError
@@ -45,6 +46,7 @@ class Ctx:
         self._templates: dict = {}
         self._indexes: dict = {}
         self._progress = progress
+        self.classified: dict = {}
 
     def chunks_of(self, persona: str, stage: str, kind: str):
         return [c for c in self.chunks if c.persona == persona and c.stage == stage and c.kind == kind]
@@ -128,7 +130,10 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     personas = load_personas(Path(personas_dir))
     chunks = [c for p in personas for c in chunk_persona(p, int(cfg["chunk"]["max_words"]))]
     for p in personas:
-        Templates(p.language, cfg["templates"]["dir"])
+        t = Templates(p.language, cfg["templates"]["dir"])
+        if any(c.kind == "unsorted" and c.persona == p.key for c in chunks) and "classify.j2" not in t.compiled:
+            raise DataGenError(f"{p.path}: has unsorted/ materials but no classify.j2 template for language "
+                               f"'{p.language}' (give one with --set templates.dir=DIR)")
     if cfg["mix"]["general"] and not Path(cfg["mix"]["general"]).exists():
         raise DataGenError(f"mix.general: {cfg['mix']['general']}: no such file or folder")
     out = Path(out_dir)
@@ -138,6 +143,11 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     digest = hashlib.sha256(json.dumps([dataclasses.astuple(c) for c in chunks]).encode()).hexdigest()[:16]
     ctx.work.mkdir(parents=True, exist_ok=True)
     _check_state(ctx, restart, digest)
+    t1 = time.perf_counter()
+    chunks, ctx.classified = classify_unsorted(ctx, chunks)
+    ctx.chunks, ctx.chunk_by_id = chunks, {c.id: c for c in chunks}
+    if ctx.classified:
+        timed("classify", t1)
     write_jsonl(ctx.work / "chunks.jsonl", [dataclasses.asdict(c) for c in chunks])
     timed("chunk", t0)
 
@@ -246,6 +256,7 @@ def _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, 
         "config": cfg,
         "personas": {p.key: {"name": p.name, "language": p.language,
                              "stages": [dataclasses.asdict(s) for s in p.stages]} for p in ctx.personas.values()},
+        "classified": ctx.classified,
         "totals": {"chunks": len(ctx.chunks), "planned": len(items), "rejected": len(rejected),
                    "sft_train": len(train), "sft_test": len(test), "sft_train_rows": n_train_rows,
                    "general_rows": n_general, "dpo": len(pairs),

@@ -19,6 +19,7 @@ from .materials import count_words
 SHIPPED = Path(__file__).parent / "templates"
 NAMES = ("input_ordinary.j2", "input_thought.j2", "input_error.j2", "input_user.j2", "response_system.j2",
          "response_user.j2", "sft_system.j2", "fewshot.yaml")
+OPTIONAL = ("classify.j2",)  # needed only when a stage has an unsorted/ folder
 
 
 class Templates:
@@ -28,12 +29,14 @@ class Templates:
         self.sources: dict[str, str] = {}
         self.paths: dict[str, str] = {}
         shipped = SHIPPED / language
-        for name in NAMES:
+        for name in NAMES + OPTIONAL:
             path = None
             if override_dir and (Path(override_dir) / name).is_file():
                 path = Path(override_dir) / name
             elif (shipped / name).is_file():
                 path = shipped / name
+            if path is None and name in OPTIONAL:
+                continue
             if path is None:
                 where = f"{override_dir} or " if override_dir else ""
                 raise DataGenError(f"no template {name} for language '{language}' (looked in {where}{shipped}); "
@@ -44,7 +47,7 @@ class Templates:
                 raise DataGenError(f"{path}: not valid UTF-8") from None
             self.paths[name] = str(path)
         self.compiled = {}
-        for name in NAMES:
+        for name in self.sources:
             if name.endswith(".j2"):
                 try:
                     self.compiled[name] = self.env.from_string(self.sources[name])
@@ -62,6 +65,9 @@ class Templates:
             raise DataGenError(f"{self.paths['fewshot.yaml']}: invalid few-shot file ({e})") from None
 
     def render(self, template: str, **kw) -> str:
+        if template not in self.compiled:
+            raise DataGenError(f"no template {template} for language '{self.language}'; "
+                               f"give one with --set templates.dir=DIR")
         try:
             return self.compiled[template].render(**kw).strip()
         except TemplateError as e:

@@ -25,6 +25,8 @@ def canned_answer(messages: list[dict]) -> str:
     words = re.findall(r"[A-Za-z][A-Za-z'-]+", user) or ["things"]
     start = int(_h("w" + key) * len(words))
     window = " ".join((words * 3)[start:start + 7])
+    if "objective or subjective" in system:
+        return "Subjective." if re.search(r"\b(I|my|me)\b", user) else "objective"
     if "[Analysis]" in system or "[分析]" in system:
         if u < 0.04:
             return "I think the user is asking something, and here is my view without any tags."

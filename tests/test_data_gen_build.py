@@ -322,3 +322,32 @@ def test_changed_settings_refuse_to_reuse_work_unless_restart(api_key, tmp_path)
                   echo=lambda s: None)
         assert len(srv.log) == n and m["requests"]["cache_hits"] > 0  # redone from the cache
     check_corpus(out, m)
+
+
+def test_unsorted_materials_are_sorted_by_the_annotator(api_key, tmp_path):
+    from test_data_gen_units import make_persona
+
+    personas = tmp_path / "personas"
+    for key in ("anna", "bert"):
+        make_persona(personas, key, n=4)
+    early = personas / "anna" / "early"
+    __import__("shutil").rmtree(early / "objective")
+    __import__("shutil").rmtree(early / "subjective")
+    (early / "unsorted").mkdir()
+    (early / "unsorted" / "mixed.txt").write_text(
+        "Anna was born in a harbour town in 1820.\n\nI never liked the sea, my brother did.\n\n"
+        "She kept the lamp for thirty years.\n\nI think the new lenses are a marvel.\n")
+    with FakeOpenAI() as srv:
+        cfg = load_config(None, FAST + ["dpo.skip_top_k=1"])
+        m = build(str(personas), str(tmp_path / "c"), "openai:m", cfg, base_url=srv.url, progress=False,
+                  echo=lambda s: None)
+        chunks = {c["id"]: c for c in read_jsonl(tmp_path / "c" / "work" / "chunks.jsonl")}
+        assert m["classified"] == {"objective": 2, "subjective": 2}
+        assert chunks["anna/early/sub/u0001"]["text"].startswith("I never liked")
+        assert chunks["anna/early/obj/u0002"]["source"].endswith("mixed.txt:5")
+        check_corpus(tmp_path / "c", m)
+        # all third-person: nothing subjective for the stage is an error naming the folder
+        (early / "unsorted" / "mixed.txt").write_text("Anna was born in 1820.\n\nShe kept the lamp.\n")
+        with pytest.raises(Exception, match=r"anna/early: no subjective paragraphs after sorting"):
+            build(str(personas), str(tmp_path / "c2"), "openai:m", cfg, base_url=srv.url, progress=False,
+                  echo=lambda s: None)
