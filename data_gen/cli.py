@@ -46,8 +46,47 @@ def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cac
         sys.exit(3)
 
 
+@data.command("check")
+@click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+def check_cmd(corpus_dir):
+    """Validate a corpus folder's sft/ and dpo/ rows against the formats; exit 1 on any error."""
+    from pathlib import Path
+
+    from .formats import check_dpo_row, check_sft_row
+    from .jsonl import read_jsonl
+
+    bad = 0
+    for name, check in (("sft/train.jsonl", check_sft_row), ("sft/test.jsonl", check_sft_row),
+                        ("dpo/train.jsonl", check_dpo_row)):
+        path = Path(corpus_dir) / name
+        if not path.exists():
+            click.echo(f"{path}: missing", err=True)
+            bad += 1
+            continue
+        try:
+            rows = read_jsonl(path)
+        except ValueError as e:
+            click.echo(str(e), err=True)
+            bad += 1
+            continue
+        ids = set()
+        for i, row in enumerate(rows, 1):
+            errs = check(row)
+            if isinstance(row, dict) and row.get("id") in ids:
+                errs.append(f"duplicate id {row.get('id')!r}")
+            ids.add(row.get("id") if isinstance(row, dict) else None)
+            for e in errs:
+                bad += 1
+                if bad <= 20:
+                    click.echo(f"{path}:{i}: {e}", err=True)
+        click.echo(f"{name}: {len(rows)} rows")
+    if bad:
+        click.echo(f"error: {bad} problems", err=True)
+        sys.exit(1)
+
+
 def main():  # python -m data_gen.cli
-    data(prog_name="persllm data")
+    data(prog_name="python -m data_gen.cli")
 
 
 if __name__ == "__main__":

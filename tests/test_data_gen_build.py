@@ -32,10 +32,10 @@ def api_key(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
 
-def cli(args, timeout=300, **kw):
+def cli(args, timeout=300, command=("build", "--no-progress"), **kw):
     env = dict(os.environ, OPENAI_API_KEY=KEY, PYTHONPATH=str(REPO))
     env.pop("OPENAI_BASE_URL", None)
-    return subprocess.Popen([sys.executable, "-m", "data_gen.cli", "build", "--no-progress", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "data_gen.cli", *command, *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -156,6 +156,14 @@ def test_resume_after_sigkill_matches_uninterrupted(api_key, tmp_path):
         resent = {h for h, _ in srv.log[mark:]} & answered_before
         assert resent == set()
     assert outputs(out) == outputs(ref)
+    p = cli([str(out)], command=("check",))
+    check_out, check_err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "dpo/train.jsonl:" in check_out, check_err
+    with open(out / "dpo" / "train.jsonl", "a") as f:
+        f.write('{"id": "x"}\n')
+    p = cli([str(out)], command=("check",))
+    assert p.wait(timeout=60) == 1 and "dpo/train.jsonl:" in p.communicate()[1]
+    (out / "dpo" / "train.jsonl").write_text(outputs(ref)["dpo/train.jsonl"])
     m = json.loads((out / "manifest.json").read_text())
     check_corpus(out, m)
     assert m["requests"].get("sent", 0) < sum(1 for _ in (out / "cache").rglob("*.json"))
