@@ -112,8 +112,9 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, *, dtype=jnp.float32, lora=None,
                  lora_scale: float = 1.0, eos_token_ids=(), chunk: int = 32):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.params = {**params, "layers": M.unstack_layers(params["layers"], cfg.num_layers)}
-        self.lora = M.unstack_layers(lora, cfg.num_layers)
+        layers = params["layers"]  # stacked (as loaded or trained) or already per-layer (shared by with_adapter)
+        self.params = params if isinstance(layers, list) else {**params, "layers": M.unstack_layers(layers, cfg.num_layers)}
+        self.lora = lora if lora is None or isinstance(lora, list) else M.unstack_layers(lora, cfg.num_layers)
         self.dtype, self.lora_scale, self.chunk = dtype, float(lora_scale), chunk
         eos = set(cfg.eos_token_ids) | set(eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -123,6 +124,11 @@ class Generator:
         if pad is None and tokenizer is not None:
             pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0))
+
+    def with_adapter(self, lora, lora_scale: float) -> Generator:
+        """The same base weights (shared, not copied) with another LoRA adapter (stacked or per-layer)."""
+        return Generator(self.cfg, self.params, self.tokenizer, dtype=self.dtype, lora=lora, lora_scale=lora_scale,
+                         eos_token_ids=self.eos_token_ids, chunk=self.chunk)
 
     @classmethod
     def load(cls, spec: str | None, dtype=jnp.float32, **kw) -> Generator:

@@ -88,3 +88,32 @@ def test_no_recompile_per_token_and_per_length(tmp_path):
 def test_stop_strings_and_limits():
     assert G._stop_cut("hello world. bye", (".", "bye")) == 11
     assert G._stop_cut("hello", ("x",)) is None
+
+
+def test_adapter_changes_output_and_shares_base(tmp_path):
+    import jax
+
+    save_tiny("qwen2", tmp_path)
+    loaded = load_model(str(tmp_path))
+    base = Generator(loaded.cfg, loaded.params, chunk=8)
+    base.eos_token_ids = ()
+    cfg = loaded.cfg
+    shapes = {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+    keys = iter(jax.random.split(jax.random.key(0), 4))
+    lora = {n: {"a": jax.random.normal(next(keys), (cfg.num_layers, i, 4)),
+                "b": jax.random.normal(next(keys), (cfg.num_layers, 4, o))} for n, (i, o) in shapes.items()}
+    tuned = base.with_adapter(lora, 2.0)
+    assert tuned.params is base.params  # one base in memory
+    prompts = _prompts(cfg.vocab_size, [6, 4])
+    sp = SamplingParams(max_new_tokens=12)
+    assert [c.token_ids for c in tuned.generate_ids(prompts, sp)] != [c.token_ids for c in base.generate_ids(prompts, sp)]
+    # The adapter's cached decoding equals a full forward pass with the same adapter.
+    import jax.numpy as jnp
+    from persllm_jax import model as M
+
+    out = tuned.generate_ids(prompts[:1], SamplingParams(max_new_tokens=6))[0].token_ids
+    seq = jnp.asarray([prompts[0] + out])
+    pos = jnp.arange(seq.shape[1])[None]
+    logits = M.forward(loaded.params, cfg, seq, pos, jnp.ones_like(seq), lora=lora, lora_scale=2.0)
+    greedy = np.asarray(jnp.argmax(logits[0, len(prompts[0]) - 1:-1], -1)).tolist()
+    assert greedy == out
