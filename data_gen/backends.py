@@ -226,16 +226,19 @@ class LocalBackend(Backend):
         super().__init__()
         self.spec, self.cfg = spec, cfg
         ident = {"backend": "local", "model": spec}
+        fp = spec
         if spec != "smollm2":
             p = Path(spec)
             if not p.exists():
                 raise DataGenError(f"local annotator: {spec}: no such model folder or .gguf file")
             ident["model"] = p.name
-            target = p if p.is_file() else p / "config.json"
-            if target.exists():
-                ident["size"] = target.stat().st_size
+            # the cache namespace fingerprints the weights, so two models with the same folder name differ
+            files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".gguf", ".json"))
+            fp = hashlib.sha256(json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                                            for f in files]).encode()).hexdigest()[:16]
+            ident["fingerprint"] = fp
         self.identity = ident
-        self.cache = ResponseCache(cache_dir, {"model": f"local:{ident['model']}", "size": ident.get("size")})
+        self.cache = ResponseCache(cache_dir, {"model": f"local:{ident['model']}", "weights": fp})
         self.gen = None
 
     def _run(self, requests, on_result):

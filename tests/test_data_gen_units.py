@@ -248,3 +248,18 @@ def test_openai_backend_endpoint_and_key_from_environment(tmp_path, monkeypatch)
     assert "sk-abc" not in json.dumps(b.identity) + json.dumps(b.cache.namespace)
     with pytest.raises(DataGenError, match="no such model folder"):
         make_backend("local:/nope/model.gguf", None, cfg, tmp_path)
+
+
+def test_local_backend_cache_namespace_fingerprints_the_weights(tmp_path):
+    from data_gen.backends import make_backend
+
+    cfg = load_config()["annotator"]
+    for d, size in (("a", 10), ("b", 20)):
+        m = tmp_path / d / "export"
+        m.mkdir(parents=True)
+        (m / "config.json").write_text("{}")
+        (m / "model.safetensors").write_bytes(b"0" * size)
+    a = make_backend(f"local:{tmp_path / 'a' / 'export'}", None, cfg, tmp_path / "cache")
+    b = make_backend(f"local:{tmp_path / 'b' / 'export'}", None, cfg, tmp_path / "cache")
+    assert a.identity["model"] == b.identity["model"] == "export"
+    assert a.cache.namespace != b.cache.namespace and a.gen is None  # nothing loaded yet
