@@ -263,3 +263,19 @@ def test_local_backend_cache_namespace_fingerprints_the_weights(tmp_path):
     b = make_backend(f"local:{tmp_path / 'b' / 'export'}", None, cfg, tmp_path / "cache")
     assert a.identity["model"] == b.identity["model"] == "export"
     assert a.cache.namespace != b.cache.namespace and a.gen is None  # nothing loaded yet
+
+
+def test_jsonl_torn_tail_is_dropped_and_cut_before_appending(tmp_path):
+    from data_gen.jsonl import Appender, read_jsonl, write_jsonl
+
+    f = tmp_path / "w.jsonl"
+    write_jsonl(f, [{"a": 1}, {"a": 2}])
+    with open(f, "ab") as fh:
+        fh.write(b'{"a": 3, "b": "tor')  # a writer killed mid-line
+    assert read_jsonl(f) == [{"a": 1}, {"a": 2}]
+    with Appender(f) as ap:
+        ap.write({"a": 4})
+    assert read_jsonl(f) == [{"a": 1}, {"a": 2}, {"a": 4}]
+    f.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ValueError, match="w.jsonl:2: not valid JSON"):
+        read_jsonl(f)
