@@ -221,6 +221,14 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
              "dedup_kept": kept}
     manifest = _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, len(train_rows),
                          timings, time.perf_counter() - t_start, steps)
+    previous = []
+    if (out / "manifest.json").exists() and not restart:
+        try:
+            previous = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("runs", [])
+        except ValueError:
+            previous = []
+    manifest["runs"] = previous + [{"created": manifest["created"], "requests": manifest["requests"],
+                                    "total_s": manifest["timings_s"]["total"]}]
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     echo(summary_table(manifest))
     return manifest

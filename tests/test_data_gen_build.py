@@ -117,6 +117,7 @@ def test_build_demo_against_faulty_server(api_key, tmp_path):
         m2 = build(str(DEMO), str(out), "openai:fake-annotator", cfg, base_url=srv.url, progress=False, echo=lambda s: None)
         assert len(srv.log) == n_log and m2["requests"].get("sent", 0) == 0
         assert outputs(out) == before and m2["totals"] == m["totals"]
+        assert [r["requests"].get("sent", 0) for r in m2["runs"]] == [m["requests"]["sent"], 0]
     assert_no_key(out)
     manifest_text = (out / "manifest.json").read_text()
     assert KEY not in manifest_text and "OPENAI_API_KEY" not in manifest_text
