@@ -42,6 +42,9 @@ def _register():
     from data_gen.cli import data
 
     main.add_command(data)
+    from .export_cli import export
+
+    main.add_command(export)
 
 
 _register()
