@@ -78,11 +78,11 @@ def load_general(spec: str, limit: int | None) -> list[list[dict]]:
     return out
 
 
-def mix(persona_rows: list[dict], cfg: dict) -> tuple[list[dict], int]:
+def mix(persona_rows: list[dict], general: list[list[dict]], cfg: dict) -> tuple[list[dict], int]:
     """The SFT train rows: persona rows repeated `mix.repeat` times (copies get '#rN' id suffixes) plus
-    general rows, in a seeded shuffle. Without general data and repeat 1: the persona rows as they are."""
+    general rows (message lists from load_general), in a seeded shuffle. Without general data and
+    repeat 1: the persona rows as they are."""
     repeat = int(cfg["mix"]["repeat"])
-    general = load_general(cfg["mix"]["general"], cfg["mix"]["general_max"]) if cfg["mix"]["general"] else []
     if repeat == 1 and not general:
         return persona_rows, 0
     rows = [r if k == 0 else dict(r, id=f"{r['id']}#r{k}") for r in persona_rows for k in range(repeat)]

@@ -134,8 +134,7 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
         if any(c.kind == "unsorted" and c.persona == p.key for c in chunks) and "classify.j2" not in t.compiled:
             raise DataGenError(f"{p.path}: has unsorted/ materials but no classify.j2 template for language "
                                f"'{p.language}' (give one with --set templates.dir=DIR)")
-    if cfg["mix"]["general"] and not Path(cfg["mix"]["general"]).exists():
-        raise DataGenError(f"mix.general: {cfg['mix']['general']}: no such file or folder")
+    general = mixing.load_general(cfg["mix"]["general"], cfg["mix"]["general_max"]) if cfg["mix"]["general"] else []
     out = Path(out_dir)
     backend = make_backend(annotator, base_url, cfg["annotator"], Path(cache_dir) if cache_dir else out / "cache")
     ctx = Ctx(cfg, personas, out, backend, progress)
@@ -210,7 +209,7 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
 
     # -- write ----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    train_rows, n_general = mixing.mix([sft_row(r) for r in train], cfg)
+    train_rows, n_general = mixing.mix([sft_row(r) for r in train], general, cfg)
     write_jsonl(out / "sft" / "train.jsonl", train_rows)
     write_jsonl(out / "sft" / "test.jsonl", [sft_row(r) for r in test])
     write_jsonl(out / "dpo" / "train.jsonl", sorted(pairs, key=lambda r: r["id"]))

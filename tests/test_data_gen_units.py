@@ -211,7 +211,7 @@ def test_mix_general_jsonl_and_datasets_dir(tmp_path):
     assert [m[-1]["content"] for m in load_general(str(f), None)] == ["hello", "a", "done", "g"]
     cfg = load_config(None, [f"mix.general={f}", "mix.repeat=3"])
     persona = [{"id": f"p/{i}", "persona": "p", "stage": "s", "type": "ordinary", "messages": []} for i in range(2)]
-    out, n = mix(persona, cfg)
+    out, n = mix(persona, load_general(str(f), None), cfg)
     assert n == 4 and len(out) == 10 and len({r["id"] for r in out}) == 10
     assert sorted(r["id"] for r in out if r["persona"] == "p")[:3] == ["p/0", "p/0#r1", "p/0#r2"]
     datasets = pytest.importorskip("datasets")
