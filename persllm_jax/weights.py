@@ -218,29 +218,46 @@ def gguf_hf_config(reader, path: str) -> dict:
 
 
 def load_gguf(path: str | Path, dtype=jnp.float32) -> LoadedModel:
-    """Dequantize a GGUF file. Small files are converted once into an HF directory in the cache, since
-    parsing GGUF metadata alone takes ~10 s for a 49k-token vocabulary."""
+    """Dequantize a GGUF file. Parsing its metadata alone takes ~10 s for a 49k-token vocabulary, so the
+    first load converts the file into an HF directory in the cache (tokenizer always, fp32 weights when
+    the file is small) and later loads read that."""
     path = str(path)
     cached = gguf_cache_dir(path)
     if (cached / "model.safetensors").is_file():
         loaded = load_hf_dir(cached, dtype)
         return LoadedModel(loaded.cfg, loaded.params, path, loaded.hf_config)
-    state, hf_config = _read_gguf(path)
-    cfg = from_hf_dict(hf_config, path)
-    if os.path.getsize(path) <= GGUF_CACHE_MAX_BYTES:
-        _write_cache(cached, state, hf_config)
-    params = params_from_hf_state(cfg, state, dtype, path)
-    return LoadedModel(cfg, params, path, hf_config)
+    state, hf_config = _convert_gguf(path, cached)
+    params = params_from_hf_state(from_hf_dict(hf_config, path), state, dtype, path)
+    return LoadedModel(from_hf_dict(hf_config, path), params, path, hf_config)
 
 
 GGUF_CACHE_MAX_BYTES = 1 << 30  # files above this are dequantized on every load rather than cached in fp32
 
 
-def _read_gguf(path: str) -> tuple[dict[str, np.ndarray], dict]:
+def _convert_gguf(path: str, cached: Path, weights: bool = True) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """Parse a GGUF once: cache its tokenizer, dequantize its weights (cached too when the file is small)."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     hf_config = gguf_hf_config(reader, path)
+    try:
+        _save_tokenizer(_gguf_tokenizer(reader), cached)
+    except OSError:
+        pass  # a read-only or full cache only costs the conversion next time
+    if not weights:
+        return None, hf_config
+    state = _gguf_state(reader, hf_config, path)
+    if os.path.getsize(path) <= GGUF_CACHE_MAX_BYTES:
+        try:
+            _save_weights(state, hf_config, cached)
+        except OSError:
+            pass
+    return state, hf_config
+
+
+def _gguf_state(reader, hf_config: dict, path: str) -> dict[str, np.ndarray]:
+    import gguf
+
     cfg = from_hf_dict(hf_config, path)
     arch = _gguf_field(reader, "general.architecture")
     gguf_to_hf = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -261,21 +278,51 @@ def _read_gguf(path: str) -> tuple[dict[str, np.ndarray], dict]:
             heads = cfg.num_heads if ".q_proj." in key else cfg.num_kv_heads
             w = w.reshape(heads, cfg.head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         state[key] = np.ascontiguousarray(w)
-    return state, hf_config
+    return state
 
 
-def _write_cache(cached: Path, state: dict[str, np.ndarray], hf_config: dict) -> None:
-    """Write the dequantized weights next to the cached tokenizer; the final rename makes the entry complete."""
+def _gguf_tokenizer(reader):
+    """The GGUF's tokenizer and chat template, built with transformers' own GGUF converters.
+
+    `AutoTokenizer.from_pretrained(gguf_file=...)` would do the same but imports torch in transformers 5;
+    here the metadata comes from the `gguf` reader we already hold.
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tok_dict.get("tokenizer_type") == "llama":
+        tok_config.setdefault("add_bos_token", True)  # as transformers: llama.cpp adds BOS to sentencepiece vocabs
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tok_config[name] = tok_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_gguf_field(reader, "general.architecture"), tok_dict)
+    return TokenizersBackend(tokenizer_object=backend, **tok_config, **extra)
+
+
+def _save_tokenizer(tok, cached: Path) -> None:
+    """tokenizer_config.json is the marker of a complete tokenizer, so it is moved in last."""
+    tmp = cached.with_name(cached.name + f".tok{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    cached.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer_config.json"):
+        os.replace(f, cached / f.name)
+    tmp.rmdir()
+
+
+def _save_weights(state: dict[str, np.ndarray], hf_config: dict, cached: Path) -> None:
+    """model.safetensors, renamed into place last, marks complete weights."""
     from safetensors.numpy import save_file
 
-    try:
-        cached.mkdir(parents=True, exist_ok=True)
-        (cached / "config.json").write_text(json.dumps(hf_config, indent=2))
-        tmp = cached / f"model.safetensors.tmp{os.getpid()}"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, cached / "model.safetensors")
-    except OSError:
-        pass  # a read-only or full cache only costs the conversion next time
+    cached.mkdir(parents=True, exist_ok=True)
+    (cached / "config.json").write_text(json.dumps(hf_config, indent=2))
+    tmp = cached / f"model.safetensors.tmp{os.getpid()}"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, cached / "model.safetensors")
 
 
 def load_model(spec: str | None, dtype=jnp.float32) -> LoadedModel:
@@ -301,27 +348,20 @@ def gguf_cache_dir(path: str) -> Path:
 
 
 def load_tokenizer(spec: str | None):
-    """transformers tokenizer (with chat template). A GGUF's tokenizer is converted once and cached."""
+    """transformers tokenizer with its chat template; a GGUF's comes from the cache (converted on first use)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
     if not path.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(path)
     cached = gguf_cache_dir(path)
+    if not (cached / "tokenizer_config.json").is_file():
+        _convert_gguf(path, cached, weights=False)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    tmp = cached.with_name(cached.name + f".tok{os.getpid()}")
-    try:
-        tok.save_pretrained(str(tmp))
-        cached.mkdir(parents=True, exist_ok=True)
-        # tokenizer_config.json is the marker of a complete cache entry, so it moves last.
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer_config.json"):
-            os.replace(f, cached / f.name)
-        tmp.rmdir()
-    except OSError:
-        pass  # a read-only cache only costs the conversion next time
-    return tok
+    import gguf  # the cache is not writable: build it in memory
+
+    return _gguf_tokenizer(gguf.GGUFReader(path))
 
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "load_hf_dir", "load_gguf", "resolve_model_path",

@@ -114,3 +114,22 @@ def test_generate_cli_bad_model_is_a_clear_error(tmp_path):
                           "--prompt", "hi"], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "no such file or directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gguf_tokenizer_equals_transformers_own(tmp_path, monkeypatch):
+    """Our torch-free GGUF tokenizer conversion gives the tokens and chat template transformers gives."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("PERSLLM_CACHE", str(tmp_path))
+    path = embedded_model_path()
+    ours = load_tokenizer("smollm2")
+    assert (gguf_cache_dir(path) / "tokenizer_config.json").is_file()
+    theirs = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    messages = [{"role": "user", "content": "Ça va? Who wrote Hamlet?\n  1843 — numbers & «symbols» 🙂"},
+                {"role": "assistant", "content": "[Analysis] A question. [Response] Shakespeare did."}]
+    for kw in ({"add_generation_prompt": False}, {"add_generation_prompt": True}):
+        a = ours.apply_chat_template(messages, tokenize=False, **kw)
+        assert a == theirs.apply_chat_template(messages, tokenize=False, **kw)
+        assert ours(a, add_special_tokens=False)["input_ids"] == theirs(a, add_special_tokens=False)["input_ids"]
+    assert (ours.eos_token, ours.bos_token, ours.pad_token) == (theirs.eos_token, theirs.bos_token, theirs.pad_token)
+    assert ours("Hello world")["input_ids"] == theirs("Hello world")["input_ids"]
