@@ -212,6 +212,11 @@ def test_bad_input_errors_and_nothing_lost(tmp_path):
     rc, _, err = run_cli(["--personas", str(personas), "--out", str(out), "--annotator", "openai:x",
                           "--set", "inputs.bogus=1"])
     assert rc == 2 and "unknown config key 'inputs.bogus'" in err
+    bad = tmp_path / "general.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"text": "no messages"}\n')
+    rc, _, err = run_cli(["--personas", str(personas), "--out", str(out), "--annotator", "openai:x",
+                          "--base-url", "http://127.0.0.1:9/v1", "--set", f"mix.general={bad}"])
+    assert rc == 2 and f"{bad}:2: expected messages" in err
     assert (out / "sft" / "train.jsonl").read_text() == '{"id": "earlier"}\n'
     assert sorted(p.name for p in out.rglob("*")) == ["sft", "train.jsonl"]
 
