@@ -45,6 +45,11 @@ def _register():
     from .export_cli import export
 
     main.add_command(export)
+    from .serve_cli import chat, serve, simulate
+
+    main.add_command(serve)
+    main.add_command(chat)
+    main.add_command(simulate)
 
 
 _register()

@@ -1,0 +1,220 @@
+"""`persllm serve` on 127.0.0.1 driven by the official `openai` client: completions, SSE streams, adapters,
+auth, bad requests, a bounded load test, and data_gen's openai: backend against it."""
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from talk_fixtures import STAGES, ServeProcess, make_model, make_run
+
+KEY = "sk-test-persllm"
+Q = [{"role": "user", "content": "Tell me about the Analytical Engine."}]
+DEMO = Path(__file__).resolve().parents[1] / "data_gen" / "personas"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = make_model(root / "model")
+    ada = make_run(root / "ada", model, seed=1)
+    darwin = make_run(root / "darwin", model, seed=2)
+    with ServeProcess("--model", str(model), "--adapter", f"ada={ada}:early", "--adapter", f"darwin={darwin}",
+                      "--api-key", KEY, "--chunk", "4", "--default-max-tokens", "24") as url:
+        yield {"url": url, "model": model, "root": root,
+               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)}
+
+
+def _raw(url, path, body=None, key=KEY, method=None):
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _ask(client, model="base", messages=Q, **kw):
+    kw.setdefault("temperature", 0)
+    kw.setdefault("max_tokens", 16)
+    return client.chat.completions.create(model=model, messages=messages, **kw)
+
+
+def _stream_text(client, model="base", messages=Q, **kw):
+    kw.setdefault("temperature", 0)
+    kw.setdefault("max_tokens", 16)
+    parts, finish, usage, roles = [], None, None, []
+    for ch in client.chat.completions.create(model=model, messages=messages, stream=True,
+                                             stream_options={"include_usage": True}, **kw):
+        if ch.usage:
+            usage = ch.usage
+        for c in ch.choices:
+            if c.delta.role:
+                roles.append(c.delta.role)
+            if c.delta.content:
+                parts.append(c.delta.content)
+            finish = c.finish_reason or finish
+    return parts, finish, usage, roles
+
+
+def test_models_completion_and_stream(served):
+    client = served["client"]
+    assert sorted(m.id for m in client.models.list().data) == ["ada", "base", "darwin"]
+    assert client.models.retrieve("ada").id == "ada"
+    r = _ask(client)
+    text = r.choices[0].message.content
+    assert r.object == "chat.completion" and r.model == "base" and r.choices[0].message.role == "assistant"
+    assert isinstance(text, str) and text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # the server's greedy answer is the engine's greedy answer
+    from persllm_jax.generate import Generator, SamplingParams
+
+    (direct,) = Generator.load(str(served["model"])).chat([Q], SamplingParams(max_new_tokens=16))
+    assert direct.text == text
+    parts, finish, usage, roles = _stream_text(client)
+    assert len(parts) >= 2, parts  # really streamed in pieces
+    assert "".join(parts) == text
+    assert roles == ["assistant"] and finish == r.choices[0].finish_reason
+    assert usage.completion_tokens == r.usage.completion_tokens and usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_adapters_differ_and_stage_system_prompt(served):
+    client = served["client"]
+    answers = {m: _ask(client, m, max_tokens=12).choices[0].message.content for m in ("base", "ada", "darwin")}
+    assert len(set(answers.values())) == 3, answers
+    # ada=RUN:early prepends the stage's system prompt to requests that have none
+    explicit = [{"role": "system", "content": STAGES["early"]}] + Q
+    assert _ask(client, "ada", explicit, max_tokens=12).choices[0].message.content == answers["ada"]
+    other = [{"role": "system", "content": STAGES["late"]}] + Q
+    assert _ask(client, "ada", other, max_tokens=12).choices[0].message.content != answers["ada"]
+    # streams of an adapter join to its answer too
+    assert "".join(_stream_text(client, "darwin", max_tokens=12)[0]) == answers["darwin"]
+
+
+def test_stop_and_seed(served):
+    client = served["client"]
+    full = _ask(client, max_tokens=24).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full[: full.find(stop)]
+    r = _ask(client, max_tokens=24, stop=[stop, "never-there"])
+    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    assert "".join(_stream_text(client, max_tokens=24, stop=stop)[0]) == cut
+    a = _ask(client, temperature=1.0, top_p=0.9, seed=5).choices[0].message.content
+    b = _ask(client, temperature=1.0, top_p=0.9, seed=5).choices[0].message.content
+    c = _ask(client, temperature=1.0, top_p=0.9, seed=6).choices[0].message.content
+    assert a == b and a != c
+
+
+def test_api_key_required(served):
+    url = served["url"]
+    for key in (None, "wrong"):
+        code, body = _raw(url, "/v1/models", key=key)
+        assert code == 401 and body["error"]["code"] == "invalid_api_key"
+        bad = openai.OpenAI(base_url=url + "/v1", api_key=key or "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            _ask(bad)
+    assert _raw(url, "/health", key=None)[0] == 200
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(served):
+    url, client = served["url"], served["client"]
+    code, body = _raw(url, "/v1/chat/completions", b'{"model": "base", "messages": [')
+    assert code == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        _ask(client, "nobody")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:  # prompt too long for the 512-token context
+        _ask(client, messages=[{"role": "user", "content": "word " * 600}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        _ask(client, max_tokens=10_000)
+    assert e.value.body["code"] == "context_length_exceeded"
+    bad_params = [{"temperature": 5}, {"top_p": -1}, {"max_tokens": 0}, {"stop": ["a", "b", "c", "d", "e"]},
+                  {"seed": "x"}, {"n": 3}, {"temperature": "hot"}]
+    for extra in bad_params:
+        with pytest.raises(openai.BadRequestError) as e:
+            _ask(client, **extra)
+        assert e.value.status_code == 400 and e.value.body["param"] == next(iter(extra)), extra
+    for body in ({"model": "base"}, {"model": "base", "messages": []}, {"messages": Q},
+                 {"model": "base", "messages": [{"role": "wizard", "content": "hi"}]},
+                 {"model": "base", "messages": [{"role": "user", "content": 3}]}, [1, 2]):
+        code, err = _raw(url, "/v1/chat/completions", body)
+        assert code == 400 and err["error"]["message"], body
+    assert _raw(url, "/v1/nothing")[0] == 404
+    assert _raw(url, "/v1/chat/completions", method="GET")[0] == 405
+    # still serving, and an answer is unchanged by the errors
+    assert _ask(client).choices[0].message.content == _ask(client).choices[0].message.content
+
+
+def test_load_32_clients_x_5_requests(served):
+    """32 concurrent clients, 5 requests each, greedy: every answer equals the one-at-a-time answer."""
+    prompts = [[{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"}] for i in range(8)]
+    client = served["client"]
+    models = ["base", "ada", "darwin"]
+    expected = {(m, i): _ask(client, m, prompts[i], max_tokens=8).choices[0].message.content
+                for m in models for i in range(len(prompts))}
+    before = _raw(served["url"], "/v1/stats")[1]
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        async def one_client(c):
+            got = []
+            for r in range(5):
+                m, i = models[(c + r) % 3], (c * 5 + r) % len(prompts)
+                if (c + r) % 4 == 0:  # a quarter of the requests stream
+                    stream = await aclient.chat.completions.create(model=m, messages=prompts[i], max_tokens=8,
+                                                                   temperature=0, stream=True)
+                    text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+                else:
+                    resp = await aclient.chat.completions.create(model=m, messages=prompts[i], max_tokens=8,
+                                                                 temperature=0)
+                    text = resp.choices[0].message.content
+                got.append(((m, i), text))
+            return got
+
+        try:
+            return await asyncio.gather(*(one_client(c) for c in range(32)))
+        finally:
+            await aclient.close()
+
+    t0 = time.time()
+    results = [x for per_client in asyncio.run(main()) for x in per_client]
+    elapsed = time.time() - t0
+    assert len(results) == 160
+    wrong = [(k, t, expected[k]) for k, t in results if t != expected[k]]
+    assert not wrong, wrong[:3]
+    stats = _raw(served["url"], "/v1/stats")[1]
+    assert stats["rows"] - before["rows"] == 160
+    assert stats["batches"] - before["batches"] < 160 / 2 and stats["max_rows"] > 4, stats  # really batched
+    print(f"load: 160 requests in {elapsed:.1f}s, {stats['batches'] - before['batches']} batches")
+
+
+def test_data_gen_openai_backend_against_server(served, tmp_path, monkeypatch):
+    """A tiny data build whose annotator is the served `ada` adapter (data_gen's openai: backend)."""
+    from data_gen.config import load_config
+    from data_gen.jsonl import read_jsonl
+    from data_gen.pipeline import build
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    tiny = ["inputs.per_stage=1", "inputs.max_tokens=12", "responses.max_tokens=12", "retrieval.knowledge_words=20",
+            "retrieval.style_words=10", "responses.fewshot=0", "responses.require_response_tag=false",
+            "dpo.cross_temporal=false", "dpo.skip_top_k=0", "split.test_fraction=0", "annotator.concurrency=8"]
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "ada_lovelace").symlink_to(DEMO / "ada_lovelace")
+    m = build(str(personas), str(tmp_path / "corpus"), "openai:ada", load_config(None, tiny),
+              base_url=served["url"] + "/v1", progress=False, echo=lambda s: None)
+    assert m["annotator"]["backend"] == "openai" and m["requests"]["sent"] >= 4
+    assert m["requests"].get("failed", 0) == 0
+    assert m["totals"]["planned"] == m["totals"]["rejected"] + m["totals"]["sft_train"]
+    rows = read_jsonl(tmp_path / "corpus" / "sft" / "train.jsonl")
+    assert len(rows) == m["totals"]["sft_train"]
