@@ -226,7 +226,8 @@ class Generator:
                     finish[i] = "length"
             if any(finish):  # let the device loop skip rows the host has finished (stop strings, limits)
                 state["done"] = jnp.asarray(np.array([bool(f) for f in finish] + [True] * (B - n)))
-            yield [Completion(texts[i], generated[i], finish[i] or "length", len(prompts[i])) for i in range(n)]
+            yield [Completion(texts[i] if finish[i] else _streamable(texts[i], per_row[i].stop), generated[i],
+                              finish[i] or "length", len(prompts[i])) for i in range(n)]
 
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[Completion]:
         final: list[Completion] = []
@@ -239,6 +240,13 @@ class Generator:
 
     def complete(self, texts: list[str], sampling: SamplingParams | list[SamplingParams]) -> list[Completion]:
         return self.generate_ids([self.encode_raw(t) for t in texts], sampling)
+
+
+def _streamable(text: str, stops: tuple[str, ...]) -> str:
+    """What of an unfinished text is safe to show: no half-decoded character, no possible start of a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold]
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:

@@ -85,9 +85,25 @@ def test_no_recompile_per_token_and_per_length(tmp_path):
     assert G._prefill._cache_size() == prefill
 
 
-def test_stop_strings_and_limits():
+def test_stop_strings_and_streamable_text():
     assert G._stop_cut("hello world. bye", (".", "bye")) == 11
     assert G._stop_cut("hello", ("x",)) is None
+    # While streaming, a possible start of a stop string and a half-decoded character are held back.
+    assert G._streamable("Sure.\nUs", ("\nUser:",)) == "Sure."
+    assert G._streamable("Sure.\nUser is", ("\nUser:",)) == "Sure.\nUser is"
+    assert G._streamable("caf\ufffd", ()) == "caf"
+
+
+def test_streamed_text_only_grows_and_ends_as_the_final_text():
+    gen = Generator.load("smollm2", chunk=4)
+    prompt = gen.encode_chat([{"role": "user", "content": "Name three planets."}])
+    sp = SamplingParams(max_new_tokens=24, stop=("Earth",))  # greedy answer: "1. Mars\n2. Venus\n3. Earth"
+    seen = [c[0] for c in gen.stream([prompt], sp)]
+    for a, b in zip(seen, seen[1:]):
+        assert b.text.startswith(a.text)
+    assert seen[-1].text == gen.generate_ids([prompt], sp)[0].text
+    assert seen[-1].text.startswith("1. Mars") and "Earth" not in seen[-1].text and len(seen) > 2
+    assert seen[-1].finish_reason == "stop"
 
 
 def test_adapter_changes_output_and_shares_base(tmp_path):
