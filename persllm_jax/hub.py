@@ -52,7 +52,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str 
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token, library_name="persllm-jax")
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                                  commit_message=commit_message or "Upload persllm-jax export",
                                  allow_patterns=[p for p, _ in upload_plan(folder)])
