@@ -24,7 +24,7 @@ class ChatSession:
     def __init__(self, gen: Generator, stages: list[StagePrompt], sampling: SamplingParams, *,
                  system: str | None = None, show_thoughts: bool = False, chunk: int | None = None):
         self.gen, self.stages, self.sampling = gen, stages, sampling
-        self.system, self.stage = system, None
+        self.system, self.stage, self.persona = system, None, None
         self.show_thoughts, self.chunk = show_thoughts, chunk
         self.history: list[dict] = []
         self.turns = 0
@@ -36,7 +36,7 @@ class ChatSession:
 
     def set_stage(self, wanted: str) -> StagePrompt:
         st = find_stage(self.stages, wanted)
-        self.stage, self.system = stage_name(st, self.stages), st.system
+        self.stage, self.system, self.persona = stage_name(st, self.stages), st.system, st.persona
         return st
 
     def reset(self) -> None:
@@ -96,7 +96,6 @@ def repl(session: ChatSession, out=None) -> None:
         out.write(text + end)
         out.flush()
 
-    who = (session.stage.split("/")[0] if session.stage and "/" in session.stage else None) or "model"
     stage = f", stage {session.stage}" if session.stage else ""
     say(f"persllm chat{stage}; thoughts {'shown' if session.show_thoughts else 'hidden'}. "
         f"/help for commands, Ctrl-D to quit.")
@@ -136,12 +135,12 @@ def repl(session: ChatSession, out=None) -> None:
                         say(f"({e})")
             elif cmd == "/system":
                 if arg:
-                    session.system, session.stage = arg, None
+                    session.system, session.stage, session.persona = arg, None, None
                 say(f"(system prompt: {session.system or 'none'})")
             else:
                 say(f"(unknown command {cmd}; /help lists them)")
             continue
-        say(f"{who}> ", end="")
+        say(f"{session.persona or 'model'}> ", end="")
         try:
             session.ask(line, write=lambda d: say(d, end=""))
         except TalkError as e:

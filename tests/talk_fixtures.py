@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +69,15 @@ def make_run(run_dir, model_dir, seed: int, corpus: Path | None = None, rank: in
                  "scale": lora_mod.lora_scale(rank, alpha)},
         "data": str(corpus), "total_steps": 1}, indent=1, default=str))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def persona_models(tmp_path_factory):
+    """One tiny model and two runs (random adapters) shared by the serve, chat and simulate tests."""
+    root = tmp_path_factory.mktemp("personas")
+    model = make_model(root / "model")
+    return {"root": root, "model": model, "ada": make_run(root / "ada", model, seed=1),
+            "darwin": make_run(root / "darwin", model, seed=2)}
 
 
 def env() -> dict:

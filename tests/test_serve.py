@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from talk_fixtures import STAGES, ServeProcess, make_model, make_run
+from talk_fixtures import STAGES, ServeProcess, persona_models  # noqa: F401 (fixture)
 
 KEY = "sk-test-persllm"
 Q = [{"role": "user", "content": "Tell me about the Analytical Engine."}]
@@ -19,11 +19,8 @@ DEMO = Path(__file__).resolve().parents[1] / "data_gen" / "personas"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    model = make_model(root / "model")
-    ada = make_run(root / "ada", model, seed=1)
-    darwin = make_run(root / "darwin", model, seed=2)
+def served(persona_models):
+    model, ada, darwin, root = (persona_models[k] for k in ("model", "ada", "darwin", "root"))
     with ServeProcess("--model", str(model), "--adapter", f"ada={ada}:early", "--adapter", f"darwin={darwin}",
                       "--api-key", KEY, "--chunk", "4", "--default-max-tokens", "24") as url:
         yield {"url": url, "model": model, "root": root,
