@@ -50,6 +50,9 @@ def _register():
     main.add_command(serve)
     main.add_command(chat)
     main.add_command(simulate)
+    from .eval.cli import eval_cmd
+
+    main.add_command(eval_cmd)
 
 
 _register()

