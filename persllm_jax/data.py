@@ -3,7 +3,7 @@
 - `read_jsonl` names file and line in every error.
 - `tokenize_chat` renders with the tokenizer's chat template and marks as trained exactly the tokens of each
   assistant message's content plus its end-of-turn token (found by rendering prefixes of the conversation).
-- `pack_rows` puts whole documents into rows of `max_length`: segment ids 1, 2, ... per document (0 =
+- `pack_rows` puts whole documents into rows of `max_length` (best-fit decreasing): segment ids 1, 2, ... per document (0 =
   padding), positions restarting at 0 per document; targets never cross a document boundary.
 - The stream of rows is a pure function of (seed, epoch), so the data position is a single integer (rows
   consumed) and a resumed run reads exactly the rows an uninterrupted one would.
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,27 +162,28 @@ def load_examples(tokenizer, path: str | Path, max_length: int) -> tuple[list[Ex
     return out, stats
 
 
-def pack_rows(examples: list[Example], max_length: int, packing: bool = True, window: int = 16) -> dict[str, np.ndarray]:
+def pack_rows(examples: list[Example], max_length: int, packing: bool = True) -> dict[str, np.ndarray]:
     """Rows [N, max_length]: tokens, targets, weights (fp32), positions, segment_ids (0 = padding).
 
-    Documents are placed whole into the first of the last `window` open rows with room (first fit).
+    Packing is best-fit decreasing: longest documents first, each into the open row with the least room that
+    still fits it (whole documents only). Without packing, one document per row in the given order.
     """
     rows: list[list[Example]] = []
-    free: list[int] = []
-    for ex in examples:
-        n = len(ex.ids)
-        slot = None
-        if packing:
-            for r in range(max(0, len(rows) - window), len(rows)):
-                if free[r] >= n:
-                    slot = r
-                    break
-        if slot is None:
-            rows.append([])
-            free.append(max_length)
-            slot = len(rows) - 1
-        rows[slot].append(ex)
-        free[slot] -= n
+    if packing:
+        free: list[tuple[int, int]] = []  # sorted (room left, row index)
+        for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].ids)):
+            ex, n = examples[i], len(examples[i].ids)
+            j = bisect.bisect_left(free, (n, -1))
+            if j < len(free):
+                room, r = free.pop(j)
+            else:
+                room, r = max_length, len(rows)
+                rows.append([])
+            rows[r].append(ex)
+            if room - n > 0:
+                bisect.insort(free, (room - n, r))
+    else:
+        rows = [[ex] for ex in examples]
     N, T = len(rows), max_length
     out = {k: np.zeros((N, T), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     out["weights"] = np.zeros((N, T), np.float32)
@@ -200,10 +202,13 @@ def pack_rows(examples: list[Example], max_length: int, packing: bool = True, wi
 
 def epoch_rows(examples: list[Example], max_length: int, seed: int, epoch: int, shuffle: bool = True,
                packing: bool = True) -> dict[str, np.ndarray]:
-    order = np.arange(len(examples))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-    return pack_rows([examples[i] for i in order], max_length, packing)
+    """One epoch's rows: documents shuffled, packed, then the rows shuffled (all from (seed, epoch))."""
+    if not shuffle:
+        return pack_rows(examples, max_length, packing)
+    rng = np.random.default_rng([seed, epoch])
+    rows = pack_rows([examples[i] for i in rng.permutation(len(examples))], max_length, packing)
+    order = rng.permutation(len(rows["tokens"]))
+    return {k: v[order] for k, v in rows.items()}
 
 
 def batches(examples, max_length: int, rows_per_step: int, seed: int, start_row: int = 0, shuffle: bool = True,

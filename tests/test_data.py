@@ -78,13 +78,15 @@ def test_packing_segments_positions_targets():
     rows = D.pack_rows(docs, 10)
     assert rows["tokens"].shape[1] == 10
     seg, pos, tgt, w = rows["segment_ids"], rows["positions"], rows["targets"], rows["weights"]
-    assert len(seg) == 2  # 5+4 | 6+3
-    np.testing.assert_array_equal(seg[0], [1] * 5 + [2] * 4 + [0])
-    np.testing.assert_array_equal(pos[0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0])
-    np.testing.assert_array_equal(tgt[0, :4], [11, 12, 13, 14])
+    assert len(seg) == 2  # best-fit decreasing: 6+4 | 5+3
+    np.testing.assert_array_equal(seg[0], [1] * 6 + [2] * 4)
+    np.testing.assert_array_equal(seg[1], [1] * 5 + [2] * 3 + [0, 0])
+    np.testing.assert_array_equal(pos[1], [0, 1, 2, 3, 4, 0, 1, 2, 0, 0])
+    np.testing.assert_array_equal(rows["tokens"][1, :8], [10, 11, 12, 13, 14, 40, 41, 42])
+    np.testing.assert_array_equal(tgt[1, :4], [11, 12, 13, 14])
     # the last token of a document predicts nothing (no crossing into the next document), padding has no weight
-    assert w[0, 4] == 0 and w[0, 8] == 0 and w[0, 9] == 0
-    np.testing.assert_array_equal(w[0, :5], [0, 1, 1, 1, 0])  # target t+1 weighted by mask[t+1]
+    assert w[1, 4] == 0 and w[1, 7] == 0 and w[1, 8] == 0 and w[0, 5] == 0
+    np.testing.assert_array_equal(w[1, :5], [0, 1, 1, 1, 0])  # target t+1 weighted by mask[t+1]
     unpacked = D.pack_rows(docs, 10, packing=False)
     assert len(unpacked["tokens"]) == 4 and unpacked["weights"].sum() == rows["weights"].sum()
 

@@ -202,3 +202,24 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path):
     assert f"{cfg}: unknown config key 'learning_rat'" in line and "learning_rate" in line
     line = _one_error_line(_cli(base + ["--out", str(tmp_path / "r6"), "--resume"]))
     assert "no checkpoint to resume from" in line
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tiny):
+    model, corpus, loaded, tok = tiny
+    ex, _ = D.load_examples(tok, D.corpus_file(corpus), 64)
+    rows = {k: v[:2] for k, v in D.pack_rows(ex, 64).items()}
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    a, loss32 = _one_step(_cfg(model, corpus, "batch_size=2"), loaded, rows, mesh)
+    b, loss16 = _one_step(_cfg(model, corpus, "batch_size=2", "dtype=bfloat16"), loaded, rows, mesh)
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(b))
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.05 * loss32  # really bf16, still close
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("sft_*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(path=f)
+        assert cfg.max_length >= 512 and cfg.learning_rate > 0
