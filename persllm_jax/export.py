@@ -468,9 +468,17 @@ def _export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: d
         tamper(tmp)
 
     t = time.perf_counter()
+    # Reference logits first, then drop the in-memory copies before the export is reloaded (peak memory:
+    # base + merged + one HF state, never a fourth copy).
+    batch = probe_batch(tok, cfg)
+    ours = our_model_logits(chain, batch)
+    intended = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(DTYPES[dtype]).astype(jnp.float32), params)
+    want = logits_of(intended, cfg, batch)
+    del intended, params
     back = read_safetensors_dir(tmp)
     bad = [k for k in state if k not in back or back[k].dtype != state[k].dtype or not np.array_equal(back[k], state[k])]
     extra = sorted(set(back) - set(state))
+    del back, state
     if bad or extra:
         raise ExportError(f"verification failed: tensors read back differ from those written ({(bad + extra)[:3]}); "
                           "nothing was written")
@@ -478,11 +486,10 @@ def _export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: d
         reloaded = load_model(str(tmp))
     except Exception as e:
         raise ExportError(f"verification failed: the export does not load: {str(e).splitlines()[0]}") from None
-    batch = probe_batch(tok, cfg)
     got = logits_of(reloaded.params, reloaded.cfg, batch)
-    intended = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(DTYPES[dtype]).astype(jnp.float32), params)
-    checks = {"reload_vs_written": compare(logits_of(intended, cfg, batch), got, batch["segment_ids"]),
-              "export_vs_ours": compare(our_model_logits(chain, batch), got, batch["segment_ids"])}
+    del reloaded
+    checks = {"reload_vs_written": compare(want, got, batch["segment_ids"]),
+              "export_vs_ours": compare(ours, got, batch["segment_ids"])}
     check("reloaded export vs the weights written", checks["reload_vs_written"], WRITE_TOL, dtype)
     check("merged export vs our model", checks["export_vs_ours"], MODEL_TOL[dtype], dtype)
     times["verify"] = time.perf_counter() - t
