@@ -69,7 +69,7 @@ class Scheduler:
     """One thread runs every generation; concurrent jobs for the same model are batched."""
 
     def __init__(self, personas: dict[str, Persona], max_batch: int = 32, chunk: int | None = None,
-                 batch_window: float = 0.002):
+                 batch_window: float = 0.03):
         self.personas = personas
         self.max_batch, self.chunk, self.batch_window = max(1, int(max_batch)), chunk, batch_window
         self.pending: deque[Job] = deque()
@@ -98,8 +98,15 @@ class Scheduler:
                 self.cond.wait()
             if self.closed:
                 return None
-        if self.batch_window:
-            time.sleep(self.batch_window)  # let requests that arrive together share the batch
+        # Requests that arrive together share the batch: wait while more keep coming (a pause of `quiet`
+        # ends it), at most `batch_window` seconds, and not once a full batch is waiting.
+        deadline, quiet = time.perf_counter() + self.batch_window, min(0.005, self.batch_window)
+        n = len(self.pending)
+        while n < self.max_batch and time.perf_counter() < deadline:
+            time.sleep(quiet)
+            if len(self.pending) == n:
+                break
+            n = len(self.pending)
         with self.cond:
             while self.pending and self.pending[0].cancelled:
                 self.pending.popleft()
@@ -290,7 +297,7 @@ def parse_chat_request(body) -> ParsedRequest:
 
 class ServerState:
     def __init__(self, personas: dict[str, Persona], *, api_key: str | None = None, max_batch: int = 32,
-                 chunk: int | None = None, default_max_tokens: int = 512, batch_window: float = 0.002):
+                 chunk: int | None = None, default_max_tokens: int = 512, batch_window: float = 0.03):
         if not personas:
             raise ValueError("no models to serve")
         self.personas = personas

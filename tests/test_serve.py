@@ -145,6 +145,10 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(served):
                  {"model": "base", "messages": [{"role": "user", "content": 3}]}, [1, 2]):
         code, err = _raw(url, "/v1/chat/completions", body)
         assert code == 400 and err["error"]["message"], body
+    # a streaming client that goes away mid-answer
+    stream = client.chat.completions.create(model="base", messages=Q, max_tokens=60, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
     assert _raw(url, "/v1/nothing")[0] == 404
     assert _raw(url, "/v1/chat/completions", method="GET")[0] == 405
     # still serving, and an answer is unchanged by the errors

@@ -45,12 +45,13 @@ async def _round(url, model, clients, requests, max_tokens, prompts):
 
 
 def measure(gen, max_batch, clients, requests, max_tokens, chunk, prompts):
+    """Throughput of one server setting; the server runs in a thread of this process."""
     from persllm_jax.serve import BackgroundServer, Persona, ServerState
 
     state = ServerState({"m": Persona("m", gen)}, max_batch=max_batch, chunk=chunk)
     with BackgroundServer(state) as url:
-        # warm-up: the same concurrency pattern once (compiles every batch and length bucket it meets)
-        asyncio.run(_round(url, "m", clients, 1, max_tokens, prompts))
+        # warm-up: concurrent requests once (compiles the batch and length buckets the timed round meets)
+        asyncio.run(_round(url, "m", min(clients, max_batch), 1, max_tokens, prompts))
         before = dict(state.scheduler.stats)
         secs, tokens = asyncio.run(_round(url, "m", clients, requests, max_tokens, prompts))
         st = state.scheduler.stats
