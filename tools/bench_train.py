@@ -108,6 +108,40 @@ def ours_fpt():
     return T.flops_per_token(cfg, 512, n_lora)
 
 
+def torch_model_from_ours(spec: str = "smollm2"):
+    """The same fp32 weights as ours, in a transformers model (a GGUF-loaded transformers model refuses training)."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from persllm_jax.weights import load_model
+
+    loaded = load_model(spec)
+    hf = dict(loaded.hf_config)
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    p = loaded.params
+    state = {"model.embed_tokens.weight": p["embed_tokens"], "model.norm.weight": p["norm"]}
+    if "lm_head" in p:
+        state["lm_head.weight"] = np.asarray(p["lm_head"]["kernel"]).T
+    for name, leaf in p["layers"].items():
+        mod = ("self_attn." if name[0] in "qkvo" else "mlp.") + name if name.endswith("proj") else name
+        for i in range(loaded.cfg.num_layers):
+            if isinstance(leaf, dict):
+                for k, v in leaf.items():
+                    v = np.asarray(v[i])
+                    state[f"model.layers.{i}.{mod}.{'weight' if k == 'kernel' else k}"] = v.T if k == "kernel" else v
+            else:
+                key = f"model.layers.{i}.self_attn.{name}.weight" if name in ("q_norm", "k_norm") else f"model.layers.{i}.{name}.weight"
+                state[key] = np.asarray(leaf[i])
+    missing, unexpected = model.load_state_dict({k: torch.tensor(np.array(v)) for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    assert not missing and not unexpected, (missing, unexpected)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
 def run_trl(convs, args, tmp: Path):
     import torch
     import transformers
@@ -115,18 +149,17 @@ def run_trl(convs, args, tmp: Path):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from persllm_jax.weights import embedded_model_path, load_tokenizer
+    from persllm_jax.weights import load_tokenizer
 
     torch.manual_seed(0)
-    gguf = embedded_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                              dtype=torch.float32)
+    model = torch_model_from_ours()
     tok = load_tokenizer("smollm2")
     ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
     cfg = SFTConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=args.trl_batch,
                     gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
                     max_length=512, packing=False, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
+                    gradient_checkpointing=False,
                     seed=0, dataloader_num_workers=0, disable_tqdm=True)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
