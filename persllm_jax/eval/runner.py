@@ -14,6 +14,8 @@ import yaml
 from . import EvalError
 from .corpus import prompt_of, response_part
 
+PARENT_KEYS = ("parent_run", "from", "sft_run", "from_run")  # as persllm_jax.export reads them
+
 
 @dataclasses.dataclass
 class System:
@@ -60,12 +62,18 @@ def load_systems(model: str | None, runs: list[str], names: list[str] | None = N
     pool = ModelPool(log=log)
     systems: list[System] = []
     try:
+        if model is None and runs:  # the base of the first run (a DPO run: its SFT parent's base)
+            info, d = read_run(runs[0]), Path(runs[0])
+            while not info.get("model") and any(info.get(k) for k in PARENT_KEYS):
+                d = Path(next(info[k] for k in PARENT_KEYS if info.get(k)))
+                info = read_run(d)
+            model = info.get("model")
         if with_base:
             systems.append(System("base+prompt", pool.base(model), "base", model or "smollm2", persona_prompt=True))
         for i, run in enumerate(runs):
             name = (names[i] if names and i < len(names) and names[i] else None) or Path(run).name
             info = read_run(run)
-            if any(info.get(k) for k in ("parent_run", "from", "sft_run", "from_run")):
+            if any(info.get(k) for k in PARENT_KEYS):
                 gen = _chain_generator(run, pool, model)
             else:
                 gen, _ = pool.run(run, base_spec=model)
