@@ -41,7 +41,9 @@ PARENT_KEYS = ("parent_run", "from", "sft_run", "from_run")
 PARENT_STEP_KEYS = ("parent_step", "from_step", "sft_step")
 # Logit tolerances of the verification step, relative to max(1, max |logit|) of the reference.
 WRITE_TOL = 1e-5  # exported weights reloaded vs the weights we meant to write (should be exact)
-MODEL_TOL = {"float32": 2e-5, "bfloat16": None}  # merged/stacked vs our (unmerged) model; bf16 is judged by KL
+MODEL_TOL = {"float32": 1e-4, "bfloat16": None}  # merged/stacked vs our (unmerged) model; bf16 is judged by KL
+# (SmolLM2-135M, 30 layers: merged vs unmerged differ by ~1.2e-5 relative in fp32, so 1e-4 leaves room for deeper
+# models while a wrong merge is off by 1e-2 or more.)
 BF16_MAX_KL = 0.05  # mean per-token KL(ours || export) allowed for a bfloat16 export
 
 

@@ -343,3 +343,21 @@ def test_gguf_base_exports_as_a_normal_hf_directory(tmp_path):
     ours = E.our_model_logits(chain, batch)
     st = E.compare(ours, hf_logits(_hf(out), batch), batch["segment_ids"])
     assert st["max_abs_diff"] <= TOL * max(1.0, st["logit_scale"]) and st["top1_agree"] == 1.0, st
+
+
+def test_step_selects_the_checkpoint(sft, tmp_path):
+    from persllm_jax.peft_export import read_adapter
+
+    _, model, _ = sft
+    cfg = load_model(str(model)).cfg
+    early, late = random_adapter(cfg, 2, seed=11), random_adapter(cfg, 2, seed=12)
+    write_run(tmp_path / "run", model, early, alpha=4.0, step=2)
+    write_run(tmp_path / "run", model, late, alpha=4.0, step=5)
+    for step, want in ((None, late), (2, early)):
+        out = tmp_path / f"out{step}"
+        args = ["--run", tmp_path / "run", "--out", out, "--format", "peft"] + (["--step", step] if step else [])
+        assert _cli(*args).exit_code == 0
+        got, scale = read_adapter(out, cfg.num_layers)
+        assert scale == 2.0
+        for n in want:
+            np.testing.assert_array_equal(np.asarray(got[n]["b"]), np.asarray(want[n]["b"]))
