@@ -14,7 +14,8 @@ from persllm_jax.eval import anti_induction, precision
 
 
 def fixed_judge(messages) -> str:
-    """Judgements decided by markers in the texts: K/A/N/G in the question, S<d>/BAD in the answer, '???'."""
+    """Judgements decided by markers in the texts: opinion/chitchat/GARBLE in the question, SCORE=<d>/BAD in the
+    answer (else "Score: 3"), "No," / "???" in the answer to judge for the refute question."""
     p = messages[-1]["content"]
     if "Reply with exactly one of" in p:
         q = p.split("[Question]", 1)[1].split("[Answer]", 1)[0]
@@ -22,12 +23,12 @@ def fixed_judge(messages) -> str:
                 "Neither" if "chitchat" in q else "Knowledge question")
     if "Give a score between 0 and 5" in p:
         a = p.split("[Response 1]", 1)[1].split("[Response 2]", 1)[0]
-        m = re.search(r"S(\d)", a)
-        return f"Score: {m.group(1)}" if m else "I cannot judge this."
+        m = re.search(r"SCORE=(\d)", a)
+        return f"Score: {m.group(1)}" if m else "I cannot judge this." if "BAD" in a else "Score: 3"
     if "Reply with one word: YES or NO" in p:
         a = p.split("[Answer to judge]", 1)[1]
         return "unsure" if "???" in a else "YES" if "No," in a else "NO"
-    return "Score: 3"  # anything else (the tiny model's random answers)
+    return "?"
 
 
 @pytest.fixture
@@ -47,9 +48,9 @@ def test_judge_against_local_server(judge_server, tmp_path, monkeypatch):
     fake, url = judge_server
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     judge = precision.Judge("openai:fixed", url, tmp_path / "cache", {"retries": 1, "backoff_base": 0.01})
-    items = [_item(0, "When did you meet Babbage?", "S5"), _item(1, "When was the engine built?", "S2", stage="late"),
-             _item(2, "Your opinion of poetry?", "S4", type_="thought"), _item(3, "Your opinion of Byron?", "BAD"),
-             _item(4, "GARBLE", "S5"), _item(5, "Some chitchat?", "S5", persona="darwin")]
+    items = [_item(0, "When did you meet Babbage?", "SCORE=5"), _item(1, "When was the engine built?", "SCORE=2", stage="late"),
+             _item(2, "Your opinion of poetry?", "SCORE=4", type_="thought"), _item(3, "Your opinion of Byron?", "BAD"),
+             _item(4, "GARBLE", "SCORE=5"), _item(5, "Some chitchat?", "SCORE=5", persona="darwin")]
     classes = precision.classify_items(judge, items)
     assert classes == {"i0": "knowledge", "i1": "knowledge", "i2": "attitude", "i3": "attitude", "i4": None, "i5": "neither"}
     recs = precision.score_answers(judge, items, classes)
@@ -76,9 +77,9 @@ def test_judge_failures_are_counted_not_fatal(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         judge = precision.Judge("openai:fixed", url, tmp_path / "cache", {"retries": 0, "timeout": 0.5, "backoff_base": 0.01})
-        classes = precision.classify_items(judge, [_item(0, "q1", "S5"), _item(1, "q2", "S5")])
+        classes = precision.classify_items(judge, [_item(0, "q1", "SCORE=5"), _item(1, "q2", "SCORE=5")])
         assert classes == {"i0": None, "i1": None} and judge.failed == 2
-        assert precision.aggregate(precision.score_answers(judge, [_item(0, "q1", "S5")], classes))["unparsable_class"] == 1
+        assert precision.aggregate(precision.score_answers(judge, [_item(0, "q1", "SCORE=5")], classes))["unparsable_class"] == 1
     finally:
         fake.stop()
 
@@ -147,9 +148,10 @@ def test_eval_command_end_to_end(tmp_path, judge_server, monkeypatch):
             for prof in st.values():
                 assert all(1 <= v <= 5 for v in prof.values())
         assert "early->late" in bf["dynamic"]["ada_lovelace"]
-        # every classified item is judged "Score: 3" (random tiny-model answers carry no S<d> marker -> unparsable)
+        # the tiny model's answers carry no SCORE= marker: every one is judged "Score: 3"
         pr = s["precision"]
-        assert pr["knowledge"]["n"] + pr["unparsable_score"] + pr["attitude"]["n"] == 8  # sample 0 of 8 items
+        assert (pr["knowledge"]["n"], pr["attitude"]["n"], pr["overall"]["mean"]) == (4, 4, 3.0)  # sample 0 of 8 items
+        assert s["anti_induction"]["judged"] == 4 and s["anti_induction"]["refute_rate"] is not None
         assert s["anti_induction"]["n_error"] == 8 and s["style"]["by_stage"]  # 4 error items x 2 samples
         lines = (out / f"answers_{name.replace('+', '_')}.jsonl").read_text().splitlines()
         assert len(lines) == 16
