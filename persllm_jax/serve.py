@@ -99,8 +99,8 @@ class Scheduler:
             if self.closed:
                 return None
         # Requests that arrive together share the batch: wait while more keep coming (a pause of `quiet`
-        # ends it), at most `batch_window` seconds, and not once a full batch is waiting.
-        deadline, quiet = time.perf_counter() + self.batch_window, min(0.005, self.batch_window)
+        # ends it, a sixth of the window), at most `batch_window` seconds, and not once a full batch is waiting.
+        deadline, quiet = time.perf_counter() + self.batch_window, self.batch_window / 6
         n = len(self.pending)
         while n < self.max_batch and time.perf_counter() < deadline:
             time.sleep(quiet)
@@ -133,6 +133,9 @@ class Scheduler:
     def _run(self, batch: list[Job]) -> None:
         gen = self.personas[batch[0].model].gen
         t0 = time.perf_counter()
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
         finished = [False] * len(batch)
         last = None
         try:
@@ -158,9 +161,6 @@ class Scheduler:
                 if not finished[i]:
                     j.post("error", f"generation failed: {type(e).__name__}: {e}")
         finally:
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(batch)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
             self.stats["tokens"] += sum(len(c.token_ids) for c in last or [])
             self.stats["busy_s"] += time.perf_counter() - t0
 
@@ -395,7 +395,10 @@ def build_app(state: ServerState, extra_routes=()):
         q: asyncio.Queue = asyncio.Queue()
 
         def post(kind, payload):
-            loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop is gone (shutdown)
+                job.cancelled = True
 
         job = Job(req.model, ids, sp, post)
         state.scheduler.submit(job)

@@ -219,3 +219,17 @@ def test_data_gen_openai_backend_against_server(served, tmp_path, monkeypatch):
     assert m["totals"]["planned"] == m["totals"]["rejected"] + m["totals"]["sft_train"]
     rows = read_jsonl(tmp_path / "corpus" / "sft" / "train.jsonl")
     assert len(rows) == m["totals"]["sft_train"]
+
+
+def test_eval_judge_against_server(served, tmp_path, monkeypatch):
+    """`persllm eval --judge openai:NAME --base-url` asks the served model through data_gen's backend."""
+    from persllm_jax.eval.precision import Judge
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    judge = Judge("openai:darwin", served["url"] + "/v1", tmp_path / "judge_cache", {"max_tokens": 8})
+    replies = judge.ask({"q1": "Score this answer from 0 to 5.", "q2": "Is this knowledge or attitude?"})
+    judge.close()
+    assert judge.failed == 0 and all(isinstance(v, str) for v in replies.values()) and set(replies) == {"q1", "q2"}
+    direct = served["client"].chat.completions.create(model="darwin", temperature=0, max_tokens=8, seed=0, messages=[
+        {"role": "user", "content": "Score this answer from 0 to 5."}]).choices[0].message.content
+    assert replies["q1"] == direct

@@ -3,8 +3,8 @@
 Starts the server in this process on 127.0.0.1 (a free port) twice, over the same loaded model: with
 `--max-batch N` (concurrent requests decoded together) and with `--max-batch 1` (one at a time). Each run:
 CLIENTS concurrent clients (the official async `openai` client over HTTP) send REQUESTS chat completions
-each, greedy, `max_tokens` MAX_TOKENS. A warm-up round first compiles the shapes, so timings exclude
-compilation. Prints completion tokens/s and requests/s for both and their ratio.
+each, greedy, `max_tokens` MAX_TOKENS, EOS ignored. Every batch bucket is compiled first, so timings
+exclude compilation. Prints completion tokens/s and requests/s for both and their ratio.
 
     python tools/bench_serve.py                       # embedded SmolLM2-135M, 32 clients x 2 requests
     python tools/bench_serve.py --model DIR --clients 32 --requests 5 --max-tokens 64
@@ -48,10 +48,19 @@ def measure(gen, max_batch, clients, requests, max_tokens, chunk, prompts):
     """Throughput of one server setting; the server runs in a thread of this process."""
     from persllm_jax.serve import BackgroundServer, Persona, ServerState
 
-    state = ServerState({"m": Persona("m", gen)}, max_batch=max_batch, chunk=chunk)
+    from persllm_jax.generate import SamplingParams
+
+    # warm-up: compile every batch bucket (powers of two up to max_batch) the timed round may meet
+    b = 1
+    while True:
+        gen.chat([[{"role": "user", "content": prompts[i % len(prompts)]}] for i in range(b)],
+                 SamplingParams(max_new_tokens=max_tokens))
+        if b >= max_batch:
+            break
+        b = min(2 * b, max_batch)
+    state = ServerState({"m": Persona("m", gen)}, max_batch=max_batch, chunk=chunk, batch_window=0.3)
     with BackgroundServer(state) as url:
-        # warm-up: concurrent requests once (compiles the batch and length buckets the timed round meets)
-        asyncio.run(_round(url, "m", min(clients, max_batch), 1, max_tokens, prompts))
+        asyncio.run(_round(url, "m", 1, 1, max_tokens, prompts))  # the HTTP path once
         before = dict(state.scheduler.stats)
         secs, tokens = asyncio.run(_round(url, "m", clients, requests, max_tokens, prompts))
         st = state.scheduler.stats
@@ -76,6 +85,10 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
+
+    from persllm_jax.cli import _enable_compilation_cache
+
+    _enable_compilation_cache()  # compiled programs persist across runs (PERSLLM_CACHE)
 
     from persllm_jax.generate import Generator
 
