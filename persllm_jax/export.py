@@ -31,9 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, lora as lora_mod
+from . import checkpoint
+from . import lora as lora_mod
 from .model import forward
-from .weights import HF_LAYER_NAMES, LoadedModel, hf_layer_key, load_model, _layer_leaves
+from .weights import (
+    HF_LAYER_NAMES,
+    LoadedModel,
+    _layer_leaves,
+    hf_layer_key,
+    load_model,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_MAX_SHARD = "5GB"
@@ -262,7 +269,7 @@ def check(name: str, stats: dict, tol: float | None, dtype: str) -> None:
 def hf_state_from_params(cfg, params, dtype=np.float32) -> dict[str, np.ndarray]:
     """Inverse of `weights.params_from_hf_state`: our stacked [in, out] tree -> transformers names, [out, in]."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    conv = lambda x: np.ascontiguousarray(np.asarray(jnp.asarray(x).astype(dtype))).astype(np_dtype, copy=False)  # noqa: E731
+    conv = lambda x: np.ascontiguousarray(np.asarray(jnp.asarray(x).astype(dtype))).astype(np_dtype, copy=False)
     state = {"model.embed_tokens.weight": conv(params["embed_tokens"])}
     layers = params["layers"]
     for i in range(cfg.num_layers):
@@ -500,5 +507,17 @@ def _export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: d
     return files, checks
 
 
-__all__ = ["export", "ExportError", "ExportResult", "load_chain", "merged_params", "hf_state_from_params",
-           "write_safetensors", "probe_batch", "logits_of", "compare", "our_model_logits", "HF_LAYER_NAMES"]
+__all__ = [
+    "HF_LAYER_NAMES",
+    "ExportError",
+    "ExportResult",
+    "compare",
+    "export",
+    "hf_state_from_params",
+    "load_chain",
+    "logits_of",
+    "merged_params",
+    "our_model_logits",
+    "probe_batch",
+    "write_safetensors",
+]

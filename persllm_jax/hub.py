@@ -62,4 +62,4 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str 
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["push", "upload_plan", "check_repo_id", "token_from_env", "HubError"]
+__all__ = ["HubError", "check_repo_id", "push", "token_from_env", "upload_plan"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MAX_EVAL_ROWS = 60
 SETTINGS = ("steps", "epochs", "batch_size", "grad_accum", "learning_rate", "warmup_steps", "min_lr_ratio",
             "weight_decay", "max_length", "packing", "dtype", "seed", "beta", "loss_type", "label_smoothing",
             "sft_weight")
@@ -48,12 +49,15 @@ def find_manifest(data_path: str | None, run_dir: Path) -> dict | None:
 
 
 def find_eval(run_dir: Path) -> dict:
-    """Flat {name: number} of the run's evaluation results (eval.json, eval_results.json, eval/*.json)."""
+    """Flat {name: number} of the run's evaluation results: RUN_DIR/eval.json, eval_results.json or eval/*.json
+    (so `persllm eval --run RUN_DIR --out RUN_DIR/eval` lands in the card); timings and failure counts left out."""
     files = [run_dir / "eval.json", run_dir / "eval_results.json"] + sorted((run_dir / "eval").glob("*.json"))
     out: dict = {}
 
     def flat(prefix, v):
         if isinstance(v, bool):
+            return
+        if "timings" in prefix or "failed" in prefix or len(out) >= MAX_EVAL_ROWS:
             return
         if isinstance(v, (int, float)):
             out[prefix] = v
@@ -180,4 +184,4 @@ def write_model_card(out_dir: Path, chain, fmt: str, dtype: str, checks: dict) -
     (Path(out_dir) / "README.md").write_text(render(chain, fmt, dtype, checks))
 
 
-__all__ = ["write_model_card", "render", "base_model_id", "find_manifest", "find_eval", "EMBEDDED_HUB_ID"]
+__all__ = ["EMBEDDED_HUB_ID", "base_model_id", "find_eval", "find_manifest", "render", "write_model_card"]

@@ -20,8 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import lora as lora_mod
-from .export import (DTYPES, MODEL_TOL, WRITE_TOL, Chain, ExportError, check, compare, logits_of, our_model_logits,
-                     probe_batch)
+from .export import (
+    DTYPES,
+    MODEL_TOL,
+    WRITE_TOL,
+    Chain,
+    ExportError,
+    check,
+    compare,
+    logits_of,
+    our_model_logits,
+    probe_batch,
+)
 from .model import LINEAR_NAMES, linear_shapes
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -129,4 +139,4 @@ def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, tamper, log):
     return [ADAPTER_FILE, "adapter_config.json"], checks
 
 
-__all__ = ["export_peft", "adapter_of", "adapter_config", "read_adapter", "ADAPTER_FILE"]
+__all__ = ["ADAPTER_FILE", "adapter_config", "adapter_of", "export_peft", "read_adapter"]

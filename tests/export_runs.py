@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax import checkpoint, lora as L
+from persllm_jax import checkpoint
+from persllm_jax import lora as L
 from persllm_jax.model import linear_shapes
 from persllm_jax.weights import load_model
 

@@ -3,16 +3,15 @@ greedy tokens, for every architecture, after SFT and after SFT -> DPO; round tri
 bf16 tolerance; a corrupted export is refused and nothing appears at OUT; bad input fails with one clear line."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-
 from chat_fixtures import tiny_model_dir, write_corpus
+from click.testing import CliRunner
 from export_runs import hf_logits, max_diff, random_adapter, write_run
+
 from persllm_jax import export as E
 from persllm_jax.cli import main
 from persllm_jax.generate import Generator, SamplingParams
@@ -91,7 +90,7 @@ def sft(tmp_path_factory):
 def test_sft_merged_and_peft_reload_in_transformers_and_peft(sft, tmp_path):
     from peft import PeftModel
 
-    root, model, run = sft
+    _, model, run = sft
     res = _cli("--run", run, "--out", tmp_path / "merged", "--format", "merged", "--dtype", "float32")
     assert res.exit_code == 0, res.output
     assert "max |logit diff|" in res.output
@@ -132,7 +131,7 @@ def test_sft_merged_and_peft_reload_in_transformers_and_peft(sft, tmp_path):
 def test_sft_then_dpo_chain_merged_and_stacked_peft(sft, tmp_path):
     from peft import PeftModel
 
-    root, model, run = sft
+    _, model, run = sft
     base = load_model(str(model))
     dpo_ad = random_adapter(base.cfg, 2, targets=["q_proj", "v_proj", "down_proj"], seed=7, b_std=0.1)
     dpo = write_run(tmp_path / "dpo", model, dpo_ad, alpha=6.0, step=4, parent=run, parent_step=3)
@@ -216,7 +215,7 @@ def test_round_trip_without_training_is_bitwise(src_dtype, tmp_path):
 def test_bfloat16_export_matches_within_bf16_tolerance(sft, tmp_path):
     from peft import PeftModel
 
-    root, model, run = sft
+    _, model, run = sft
     chain = E.load_chain(run)
     batch = E.probe_batch(load_tokenizer(str(model)), chain.base.cfg)
     ours = E.our_model_logits(chain, batch)

@@ -2,11 +2,11 @@
 sent only as the Authorization header and appears in no file, log or error; --dry-run uploads nothing."""
 
 import pytest
-from click.testing import CliRunner
-
 from chat_fixtures import tiny_model_dir
+from click.testing import CliRunner
 from export_runs import random_adapter, write_run
 from fake_hub import FakeHub
+
 from persllm_jax.cli import main
 from persllm_jax.weights import load_model
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main():
@@ -31,12 +31,17 @@ def main():
 
     jax.config.update("jax_default_matmul_precision", "highest")
     import torch
+    from export_runs import hf_logits, random_adapter, write_run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from export_runs import hf_logits, random_adapter, write_run
     from persllm_jax import export as E
-    from persllm_jax.weights import embedded_model_path, gguf_cache_dir, load_model, load_tokenizer
+    from persllm_jax.weights import (
+        embedded_model_path,
+        gguf_cache_dir,
+        load_model,
+        load_tokenizer,
+    )
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-export-"))
     shutil.rmtree(work, ignore_errors=True)
