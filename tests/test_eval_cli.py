@@ -182,3 +182,31 @@ def test_eval_command_bad_input(tmp_path):
     corpus = write_test_corpus(tmp_path / "c")
     res = CliRunner().invoke(main, ["eval", "--data", str(corpus), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "bad.yaml")])
     assert res.exit_code != 0 and "unknown key 'nonsense_key'" in res.output
+
+
+def test_option_logprobs_match_an_unpadded_forward(tmp_path):
+    """Left-padded batched scoring of the Likert options equals a plain forward pass over each prompt alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from persllm_jax import model as M
+    from persllm_jax.eval.runner import option_logprobs_fn, option_token_ids
+    from persllm_jax.generate import Generator
+    from persllm_jax.weights import load_model
+    from talk_fixtures import make_model
+
+    path = make_model(tmp_path / "m", seed=3)
+    gen = Generator.load(str(path))
+    convs = [[{"role": "system", "content": "You are Ada."}, {"role": "user", "content": "Rate: I am bold. " * k}]
+             for k in (1, 3, 6)]
+    got = option_logprobs_fn(gen, batch_size=4)(convs)
+    loaded = load_model(str(path))
+    opt = option_token_ids(gen.tokenizer)
+    assert len(opt) == 5
+    for i, c in enumerate(convs):
+        ids = jnp.asarray([gen.encode_chat(c)], jnp.int32)
+        pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+        logits = M.forward(loaded.params, loaded.cfg, ids, pos, jnp.ones_like(ids))
+        want = np.asarray(jax.nn.log_softmax(logits[0, -1]))[opt]
+        np.testing.assert_allclose(got[i], want, atol=2e-4)

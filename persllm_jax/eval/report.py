@@ -37,6 +37,8 @@ def radar(bigfive: dict, title: str, path: Path) -> None:
         ax.set_xticks(angles)
         ax.set_xticklabels([t.split("/")[0] for t in traits], fontsize=8)
         ax.set_ylim(1, 5)
+        ax.set_yticks([2, 3, 4, 5])
+        ax.tick_params(axis="y", labelsize=6)
         ax.set_title(p, fontsize=10)
         ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.25, -0.1))
     fig.suptitle(f"Big Five (IPIP-50, option likelihood): {title}")
