@@ -231,3 +231,35 @@ def test_corpus_checks(tmp_path):
     assert [r["id"] for r in rows] == ["p/s/1"]
     assert persona_stages(rows) == {"p": {"name": "p", "stages": {"s": "1900"}}}
     assert response_part(rows[0]["messages"][-1]["content"]) == "No, that's wrong."
+
+
+def _results(name, text):
+    from persllm_jax.eval import distinction as D
+
+    ans = [_ans("p", s, i, f"{text} {s} {i}", k) for s in ("early", "late") for i in range(2) for k in range(2)]
+    return {"data": "c", "n_test_items": 4, "settings": {"samples": 2}, "personas": {"p": {"name": "P", "stages": {}}},
+            "judge": None, "notes": {}, "systems": {name: {"kind": "run", "run_dir": None, "distinction": D.distinction(ans),
+                                                          "anti_induction": {"n_error": 0, "break_rate_all": 0.0}}}}
+
+
+def test_compare_merges_separate_evaluations(tmp_path):
+    from persllm_jax.eval.evaluate import compare
+
+    for name, text in (("base", A), ("sft", B)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(name, text)))
+    r = compare([str(tmp_path / "base"), str(tmp_path / "sft")], str(tmp_path / "both"), log=lambda m: None)
+    assert list(r["systems"]) == ["base", "sft"]
+    md = (tmp_path / "both" / "report.md").read_text()
+    assert "| metric | base | sft |" in md
+    assert (tmp_path / "both" / "distinction.png").read_bytes()[:4] == b"\x89PNG"
+    other = _results("x", A)
+    other["settings"] = {"samples": 3}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(EvalError, match="settings differs"):
+        compare([str(tmp_path / "base"), str(tmp_path / "x")], str(tmp_path / "o"))
+    with pytest.raises(EvalError, match="appears twice"):
+        compare([str(tmp_path / "base"), str(tmp_path / "base")], str(tmp_path / "o"))
+    with pytest.raises(EvalError, match="no results.json"):
+        compare([str(tmp_path)], str(tmp_path / "o"))

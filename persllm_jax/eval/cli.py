@@ -36,4 +36,16 @@ def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, personas, no_
         raise click.ClickException(str(e)) from None
 
 
-eval = eval_cmd  # noqa: A001 - the name `persllm_jax.cli` registers
+
+@eval_cmd.command("compare")
+@click.argument("eval_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output dir for the combined results.json, report.md, plots.")
+def compare_cmd(eval_dirs, out):
+    """One side-by-side report from several `persllm eval` outputs (same corpus and settings)."""
+    from . import EvalError
+    from .evaluate import compare
+
+    try:
+        compare(list(eval_dirs), out)
+    except EvalError as e:
+        raise click.ClickException(str(e)) from None

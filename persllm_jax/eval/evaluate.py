@@ -163,3 +163,41 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
     log(f"eval: wrote {out_dir}/results.json, report.md and {len(results['plots'])} plot(s) "
         f"in {results['timings_s']['total']} s")
     return results
+
+
+def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
+    """One side-by-side report from several `persllm eval` outputs over the same corpus and settings (systems
+    evaluated separately, e.g. on different machines or days)."""
+    from . import report
+
+    if not eval_dirs:
+        raise EvalError("compare: give at least one EVAL_DIR")
+    merged: dict | None = None
+    for d in eval_dirs:
+        p = Path(d) / "results.json"
+        if not p.is_file():
+            raise EvalError(f"{d}: no results.json (not a persllm eval output)")
+        try:
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise EvalError(f"{p}: invalid JSON ({e})") from None
+        if merged is None:
+            merged = {**r, "systems": {}, "sources": []}
+        else:
+            for k in ("n_test_items", "settings", "personas"):
+                if r.get(k) != merged.get(k):
+                    raise EvalError(f"{d}: {k} differs from {eval_dirs[0]}; only evaluations of the same corpus with the "
+                                    "same settings can be compared")
+            if r.get("judge") != merged.get("judge"):
+                raise EvalError(f"{d}: judged by {r.get('judge')} but {eval_dirs[0]} by {merged.get('judge')}")
+        for name, s in r["systems"].items():
+            if name in merged["systems"]:
+                raise EvalError(f"{d}: system {name!r} appears twice")
+            merged["systems"][name] = s
+        merged["sources"].append(str(d))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged["plots"] = report.write(merged, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(merged, indent=1, ensure_ascii=False), encoding="utf-8")
+    log(f"eval compare: {', '.join(merged['systems'])} -> {out_dir}/report.md")
+    return merged
