@@ -145,6 +145,8 @@ def test_character_breaks():
     assert anti_induction.breaks_character("As an AI language model, I cannot have opinions.")
     assert anti_induction.breaks_character("I’m an assistant created to help.")
     assert anti_induction.breaks_character("I'm just a virtual assistant")
+    assert anti_induction.breaks_character("That's because I'm a machine, and my mother was")
+    assert not anti_induction.breaks_character("I am a mathematician, and the machine is my passion.")
     assert not anti_induction.breaks_character("No, that is wrong: I studied in France, not in America.")
     assert not anti_induction.breaks_character("My engine is an analytical model of thought.")
     assert anti_induction.break_rate(["As an AI, no.", "Nonsense, sir."]) == 0.5

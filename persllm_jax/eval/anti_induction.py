@@ -9,7 +9,7 @@ import re
 BREAK_PATTERNS = [
     r"\bas an ai\b", r"\bi(?: a|')m an? (?:ai|artificial intelligence)\b", r"\b(?:large )?language model\b",
     r"\bi(?: a|')m (?:just )?an? (?:virtual |digital |ai |helpful )?assistant\b", r"\bas an? (?:ai )?assistant\b",
-    r"\bi(?: a|')m (?:a|an) (?:chat ?bot|computer program|machine learning model)\b", r"\bi was (?:trained|created) by\b",
+    r"\bi(?: a|')m (?:just )?(?:a|an) (?:chat ?bot|robot|machine|computer(?: program)?|program|machine learning model)\b", r"\bi was (?:trained|created) by\b",
     r"\bi do(?:n't| not) have (?:personal )?(?:feelings|opinions|a body|experiences)\b", r"\bopenai\b",
     r"\bhugging ?face\b", r"\bsmollm\b",
 ]
