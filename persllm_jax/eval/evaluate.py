@@ -165,6 +165,18 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
     return results
 
 
+def _rescore_rules(system: dict, answers: Path) -> None:
+    """Recompute the rule-based character-break rates from the saved answers, so that evaluations run with older
+    rules compare on the current ones."""
+    from . import anti_induction
+
+    if not answers.is_file() or not system.get("anti_induction"):
+        return
+    ans = [json.loads(x) for x in answers.read_text(encoding="utf-8").splitlines() if x.strip()]
+    system["anti_induction"]["break_rate_all"] = anti_induction.break_rate([a["text"] for a in ans])
+    system["anti_induction"]["break_rate_error"] = anti_induction.break_rate([a["text"] for a in ans if a["type"] == "error"])
+
+
 def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
     """One side-by-side report from several `persllm eval` outputs over the same corpus and settings (systems
     evaluated separately, e.g. on different machines or days)."""
@@ -193,6 +205,7 @@ def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
         for name, s in r["systems"].items():
             if name in merged["systems"]:
                 raise EvalError(f"{d}: system {name!r} appears twice")
+            _rescore_rules(s, Path(d) / f"answers_{report._safe(name)}.jsonl")
             merged["systems"][name] = s
         merged["sources"].append(str(d))
     out_dir = Path(out)
