@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(model, corpus, *sets):
-    base = ["max_length=64", "batch_size=8", "learning_rate=1e-2", "warmup_steps=0", "log_every=1",
+    base = ["max_length=64", "batch_size=8", "learning_rate=1e-3", "warmup_steps=0", "log_every=1",
             "lora.rank=8", "lora.alpha=16", "mesh.data=-1", "shuffle=false", "peak_tflops=0.15"]
     return load_config(overrides=base + list(sets), base={"model": str(model), "data": str(corpus)})
 
