@@ -1,8 +1,9 @@
 """Decode throughput: our JAX engine vs `transformers.generate` on SmolLM2-135M-Instruct (CPU by default).
 
 Both engines get the same chat prompts, fp32 weights dequantized from the same GGUF, greedy decoding and
-exactly N new tokens (EOS ignored), and both are warmed up once before timing. tokens/s counts generated
-tokens only (batch x new tokens / wall time of the whole generate call, prefill included).
+exactly N new tokens (EOS ignored); both are warmed up once, then timed runs alternate between them (median
+of repeats) so that load from other processes hits both alike. tokens/s counts generated tokens only
+(batch x new tokens / wall time of the whole generate call, prefill included).
 
     python tools/bench_generate.py [--new-tokens 128] [--batches 1,8] [--repeats 3] [--json OUT]
 """
@@ -28,16 +29,8 @@ PROMPTS = [
 ]
 
 
-def _timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def bench_ours(prompts_ids, batch, new_tokens, repeats, dtype):
+def make_ours(prompts_ids, batch, new_tokens, dtype):
+    """A zero-argument run of our engine on the first `batch` prompts (compiled by a first call)."""
     import jax.numpy as jnp
 
     from persllm_jax.generate import Generator, SamplingParams
@@ -46,15 +39,13 @@ def bench_ours(prompts_ids, batch, new_tokens, repeats, dtype):
     loaded = load_model("smollm2")
     gen = Generator(loaded.cfg, loaded.params, dtype=getattr(jnp, dtype))
     gen.eos_token_ids = ()  # exactly new_tokens per row
-    prompts = prompts_ids[:batch]
     sp = SamplingParams(max_new_tokens=new_tokens)
-    run = lambda: gen.generate_ids(prompts, sp)
-    out = run()  # compile
-    assert all(len(c.token_ids) == new_tokens for c in out)
-    return batch * new_tokens / _timed(run, repeats), out
+    run = lambda: [c.token_ids for c in gen.generate_ids(prompts_ids[:batch], sp)]
+    assert all(len(ids) == new_tokens for ids in run())
+    return run
 
 
-def bench_transformers(prompts_ids, batch, new_tokens, repeats, pad_id):
+def make_transformers(prompts_ids, batch, new_tokens, pad_id):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -70,12 +61,23 @@ def bench_transformers(prompts_ids, batch, new_tokens, repeats, pad_id):
 
     def run():
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+        return [row[P:].tolist() for row in out]
 
-    out = run()
-    assert out.shape[1] - P == new_tokens
-    return batch * new_tokens / _timed(run, repeats), [row[P:].tolist() for row in out]
+    assert all(len(r) == new_tokens for r in run())
+    return run
+
+
+def timed_interleaved(runs: dict, repeats: int) -> dict:
+    """Median wall time of each run, alternating between them so load changes hit both alike."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -102,9 +104,11 @@ def main(argv=None):
           f"new tokens {args.new_tokens}, our dtype {args.dtype}", file=sys.stderr)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        ours, ours_out = bench_ours(prompts_ids, batch, args.new_tokens, args.repeats, args.dtype)
-        theirs, their_out = bench_transformers(prompts_ids, batch, args.new_tokens, args.repeats, pad_id)
-        same = sum(a.token_ids[:32] == b[:32] for a, b in zip(ours_out, their_out))
+        runs = {"ours": make_ours(prompts_ids, batch, args.new_tokens, args.dtype),
+                "transformers": make_transformers(prompts_ids, batch, args.new_tokens, pad_id)}
+        same = sum(a[:32] == b[:32] for a, b in zip(runs["ours"](), runs["transformers"]()))
+        t = timed_interleaved(runs, args.repeats)
+        ours, theirs = batch * args.new_tokens / t["ours"], batch * args.new_tokens / t["transformers"]
         rows.append({"batch": batch, "ours_tok_s": round(ours, 1), "transformers_tok_s": round(theirs, 1),
                      "ratio": round(ours / theirs, 2), "rows_same_first_32_tokens": f"{same}/{batch}"})
         print(json.dumps(rows[-1]), flush=True)
