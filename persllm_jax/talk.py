@@ -95,13 +95,13 @@ def stage_name(x: StagePrompt, stages: list[StagePrompt]) -> str:
 
 
 def read_run(run_dir: str | Path) -> dict:
-    p = Path(run_dir) / "run.json"
-    if not p.is_file():
-        raise TalkError(f"{run_dir}: not a training run directory (no run.json)")
+    """export.read_run (the one reader of run.json), with its errors as TalkError for the talk commands."""
+    from .export import ExportError, read_run as read_run_json
+
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise TalkError(f"{p}: invalid JSON ({e})") from None
+        return read_run_json(run_dir)
+    except ExportError as e:
+        raise TalkError(str(e)) from None
 
 
 class ModelPool:
