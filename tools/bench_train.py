@@ -1,6 +1,7 @@
 """Benchmark: our LoRA SFT vs TRL `SFTTrainer` + PEFT, same weights, data and LoRA settings, both on the CPU.
 
     python tools/bench_train.py [--n 48] [--batch-rows 4] [--trl-batch 8] [--skip-trl]
+    python tools/bench_train.py dpo [...]      # the DPO benchmark (tools/bench_dpo.py)
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; transformers dequantizes the same file for TRL). LoRA r=16,
 alpha=32, dropout 0, on all seven linear layers; AdamW, lr 1e-4, fp32. Data: a fixed set of persona-style
@@ -232,4 +233,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "dpo":  # `bench_train.py dpo ...`: the DPO benchmark
+        sys.argv.pop(1)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_dpo import main as dpo_main
+
+        dpo_main()
+    else:
+        main()
