@@ -49,7 +49,16 @@ def _parse_adapter(text: str) -> tuple[str, str, str | None]:
 @click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="Completion limit for requests without max_tokens.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
-def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk, default_max_tokens, dtype):
+@click.option("--rate-prompts", default=None, metavar="FILE_OR_CORPUS_DIR",
+              help="Prompts for the /rate page: a corpus dir (its sft/test.jsonl) or a JSONL of prompts.")
+@click.option("--rate-db", default=None, metavar="FILE",
+              help="SQLite database of /rate judgements (default with --rate-prompts: ./ratings.sqlite).")
+@click.option("--rate-models", default=None, metavar="NAME,NAME,...",
+              help="Models compared on /rate (default: all served).")
+@click.option("--rate-max-tokens", default=256, show_default=True, type=click.IntRange(1),
+              help="Answer length on /rate.")
+def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk, default_max_tokens, dtype,
+          rate_prompts, rate_db, rate_models, rate_max_tokens):
     """Serve personas over an OpenAI-compatible API (/v1/models, /v1/chat/completions, SSE streaming).
 
     \b
@@ -57,6 +66,7 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
       persllm serve --model smollm2
       persllm serve --adapter ada=runs/ada:early --adapter darwin=runs/darwin:late --api-key secret
     Then e.g. OPENAI_BASE_URL=http://127.0.0.1:8000/v1 with any OpenAI client, model "ada".
+    Web pages on the same port: / (chat) and /rate (blind pairwise rating; needs --rate-prompts), see docs/web.md.
     """
     from .serve import Persona, ServerState, bind, build_app, run_server
     from .talk import ModelPool, TalkError, find_stage, read_run
@@ -68,12 +78,13 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
     if not parsed and not base_name:
         raise click.UsageError("nothing to serve: give --adapter or a --base-name")
     pool = ModelPool(_dtype(dtype), chunk=chunk)
-    personas = {}
+    personas, stage_lists = {}, {}
     try:
         base_spec = model_spec or (read_run(parsed[0][1]).get("model") if parsed else None) or "smollm2"
         base = pool.base(base_spec)
         for name, run_dir, stage in parsed:
             gen, stages = pool.run(run_dir, base_spec)
+            stage_lists[name] = stages
             system = find_stage(stages, stage).system if stage else None
             personas[name] = Persona(name, gen, system, f"{run_dir}" + (f":{stage}" if stage else ""))
         if base_name:
@@ -82,6 +93,19 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
         _fail(e)
     state = ServerState(personas, api_key=api_key, max_batch=max_batch, chunk=chunk,
                         default_max_tokens=default_max_tokens)
+    from .web import RateConfig, RateError, web_routes
+
+    if (rate_db or rate_models) and not rate_prompts:
+        raise click.UsageError("--rate-db and --rate-models need --rate-prompts")
+    rate = None
+    if rate_prompts:
+        rate = RateConfig(rate_prompts, rate_db or "ratings.sqlite",
+                          tuple(m.strip() for m in (rate_models or "").split(",") if m.strip()), rate_max_tokens)
+    try:
+        routes = web_routes(state, stage_lists, rate)
+    except RateError as e:
+        state.scheduler.close()
+        _fail(e)
     try:
         sock = bind(host, port)
     except OSError as e:
@@ -92,11 +116,12 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
     url = f"http://{'[' + h + ']' if ':' in h else h}:{p}"
 
     def ready():
-        click.echo(f"persllm serve: listening on {url}/v1 (models: {', '.join(personas)})")
+        click.echo(f"persllm serve: listening on {url}/v1 (models: {', '.join(personas)}; pages: {url}/ "
+                   f"and {url}/rate)")
         sys.stdout.flush()
 
     try:
-        run_server(build_app(state), sock, on_ready=ready)
+        run_server(build_app(state, routes), sock, on_ready=ready)
     finally:
         state.scheduler.close()
 
