@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, rope_inv_freq
+from .sharding import constrain_batch
 
 Params = dict[str, Any]
 
@@ -162,14 +163,14 @@ def hidden_states(
 ) -> jax.Array:
     """Final-normed hidden states [B, T, D] for a full sequence (training / scoring; no cache)."""
     T = tokens.shape[1]
-    h = params["embed_tokens"][tokens].astype(jnp.float32)
+    h = constrain_batch(params["embed_tokens"][tokens].astype(jnp.float32))  # batch-sharded in a sharded step
     cos, sin = rope_cos_sin(cfg, positions)
     mask = attention_mask(segment_ids, jnp.arange(T), positions, segment_ids, positions, cfg.sliding_window)
     kv_fn = lambda k, v: (k, v, mask)
 
     def body(h, xs):
         layer, lora_layer = xs
-        return _layer(cfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn), None
+        return constrain_batch(_layer(cfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn)), None
 
     if remat:
         body = jax.checkpoint(body)
