@@ -62,7 +62,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     peak_tflops: float = 0.0  # per device, for MFU; 0 = measure a matmul at start
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host); see docs/scale.md
+    coordinator_address: str = ""  # host:port of process 0; "" = JAX_COORDINATOR_ADDRESS or autodetect (TPU, SLURM)
+    num_processes: int = 0  # 0 = JAX_NUM_PROCESSES or autodetect
+    process_id: int = -1  # -1 = JAX_PROCESS_ID or autodetect
     lora: LoraConfig = field(default_factory=LoraConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
