@@ -49,3 +49,22 @@ def compare_cmd(eval_dirs, out):
         compare(list(eval_dirs), out)
     except EvalError as e:
         raise click.ClickException(str(e)) from None
+
+
+@eval_cmd.command("human")
+@click.option("--db", "db", required=True, type=click.Path(), help="The /rate judgement database (persllm serve --rate-db).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output dir: human.json, human.md, human.png (an eval dir gets the section in its report.md).")
+@click.option("--bootstrap", default=2000, show_default=True, type=click.IntRange(100), help="Bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+def human_cmd(db, out, bootstrap, seed):
+    """Human judgements from /rate: win rates per model pair and criterion (bootstrap CIs), Bradley-Terry
+    scores across models, inter-rater agreement (Cohen's kappa)."""
+    from . import EvalError
+    from .human import run
+
+    try:
+        h = run(db, out, n_boot=bootstrap, seed=seed)
+    except EvalError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"eval human: {h['n_judgements']} judgements, {len(h['models'])} models -> {out}/human.md", err=True)

@@ -236,6 +236,13 @@ def write(results: dict, out: Path) -> list[str]:
         pngs.append("training_curves.png")
         md += ["\n## Training curves\n", "![training curves](training_curves.png)\n"]
 
+    from .human import section as human_section
+
+    human = human_section(out)  # written by `persllm eval human --out` into this directory
+    if human:
+        md += ["", human[0]]
+        pngs += human[1]
+
     md += ["\n## Samples\n"]
     for n in names:
         for a in systems[n].get("examples", [])[:3]:
