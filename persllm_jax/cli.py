@@ -53,6 +53,9 @@ def _register():
     from .eval.cli import eval_cmd
 
     main.add_command(eval_cmd)
+    from .plan import plan_command
+
+    main.add_command(plan_command)
     from .reproduce import reproduce_cmd
 
     main.add_command(reproduce_cmd)
