@@ -158,12 +158,14 @@ def data_config(cfg: dict) -> dict:
 
 
 def dpo_config_class():
-    """The DPO trainer's config dataclass, or None while this build has no DPO trainer."""
-    try:
-        from . import dpo
-    except ImportError:
+    """The DPO trainer's config dataclass (issue 4), or None in a build without the DPO trainer."""
+    import importlib.util
+
+    from . import train_config as tc
+
+    if importlib.util.find_spec("persllm_jax.dpo") is None:
         return None
-    return getattr(dpo, "DPOConfig", None) or getattr(dpo, "DpoConfig", None)
+    return getattr(tc, "DPOConfig", None)
 
 
 def train_config(cfg: dict, stage: str, check_only: bool = False):
@@ -185,6 +187,21 @@ def train_config(cfg: dict, stage: str, check_only: bool = False):
         raise ReproduceError(f"{stage}: {e}") from None
     c.model = str(cfg["model"])
     return c
+
+
+def stage_config(cfg: dict, stage: str) -> dict:
+    """A stage's resolved settings as plain data: `persllm train sft|dpo --config`, `data build --config` and
+    `eval --config` read these files as they are."""
+    import dataclasses
+
+    if stage == "all":
+        return cfg
+    if stage == "data":
+        return data_config(cfg)
+    if stage == "eval":
+        return eval_config(cfg)
+    c = train_config(cfg, stage)
+    return dataclasses.asdict(c)
 
 
 def eval_config(cfg: dict) -> dict:
@@ -560,7 +577,7 @@ def _train_dict(c) -> dict:
     import dataclasses
 
     d = dataclasses.asdict(c)
-    for k in ("save_every", "keep_checkpoints", "log_every"):  # bookkeeping that does not change the model
+    for k in ("save_every", "keep_checkpoints", "log_every", "peak_tflops"):  # bookkeeping, not the model
         d.pop(k, None)
     return d
 
@@ -573,25 +590,20 @@ def _fmt_figures(f: dict) -> str:
 
 
 def run_dpo(cfg, sft_run: Path, corpus: Path, run_dir: Path, progress: bool = True, log=None) -> None:
-    """The DPO trainer (issue 4) through its command, `persllm train dpo --from SFT --data CORPUS --out RUN`."""
-    from .cli import main
+    """The DPO trainer (persllm_jax/dpo.py): the SFT run merged into the base is the start and the reference."""
+    from .data import DataError
+    from .dpo import run
+    from .export import ExportError
+    from .lora import LoraError
+    from .sharding import MeshError
+    from .train_config import ConfigError
+    from .weights import WeightsError
 
-    conf = run_dir.parent / "stages" / "dpo_config.yaml"
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    from .train_config import to_dict
-
-    conf.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    args = ["train", "dpo", "--model", str(cfg.model), "--from", str(sft_run), "--data", str(corpus),
-            "--out", str(run_dir), "--config", str(conf)]
-    if not progress:
-        args.append("--no-progress")
+    cfg.from_run, cfg.data = str(sft_run), str(corpus)
     try:
-        main.main(args=args, prog_name="persllm", standalone_mode=False)
-    except SystemExit as e:
-        if e.code:
-            raise ReproduceError(f"dpo: `persllm {' '.join(args)}` exited with {e.code}") from None
-    except Exception as e:  # click's ClickException and friends: one line
-        raise ReproduceError(f"dpo: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        run(cfg, run_dir, progress=progress, log=log or print)
+    except (ConfigError, DataError, ExportError, LoraError, MeshError, WeightsError, FileNotFoundError) as e:
+        raise ReproduceError(f"dpo: {str(e).splitlines()[0]}") from None
 
 
 def summary_table(rows: list[dict], out: Path) -> str:
@@ -624,13 +636,22 @@ import click  # noqa: E402
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (repeatable), e.g. sft.steps=20, data.config.inputs.per_stage=2, model=DIR.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def reproduce_cmd(config, out, sets, no_progress):
+@click.option("--print-config", "print_stage", type=click.Choice(["all", "data", "sft", "dpo", "eval"]), default=None,
+              help="Print the resolved config (all, or one stage's, as the plain YAML its own command takes) and exit; "
+                   "e.g. `--print-config sft > sft.yaml; persllm plan sft.yaml`.")
+def reproduce_cmd(config, out, sets, no_progress, print_stage):
     """The whole PersLLM recipe: data build -> SFT -> DPO -> export (merged, PEFT) -> eval -> report.
 
     Each stage is skipped when its outputs are complete and valid for the current settings, and resumed when it
     was interrupted. configs/demo.yaml is the offline CPU demo; configs/paper_*.yaml the paper-scale recipes.
     """
     out = Path(out or Path("runs") / (Path(config).stem if config else "reproduce"))
+    if print_stage:
+        try:
+            click.echo(yaml.safe_dump(stage_config(load(config, sets), print_stage), sort_keys=False), nl=False)
+        except ReproduceError as e:
+            raise click.ClickException(str(e).splitlines()[0]) from None
+        return
     try:
         rows = reproduce(config, out, sets, progress=not no_progress)
     except ReproduceError as e:
