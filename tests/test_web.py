@@ -27,9 +27,42 @@ PROMPTS = [{"id": "p-engine", "system": STAGES["late"], "prompt": "What is the A
            {"id": "p-father", "messages": [{"role": "system", "content": STAGES["early"]},
                                            {"role": "user", "content": "Tell me about your father."}]}]
 RATE_TOKENS = 12
+COT = "[Analysis]: Engines weave algebraic patterns. [Response] It computes Bernoulli numbers!"
 
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(DRIVER).exists()),
                                 reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+
+
+def make_cot_model(src, dst, text=COT):
+    """A copy of the tiny model rewired to answer `text` to any chat: every layer's output projections are zero
+    (each block is the identity), the chain's tokens get orthonormal embeddings and the untied output head maps
+    each token of the chain to the next one, so the answer is the chain whatever the sampling."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoTokenizer
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(str(dst))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    last = tok.encode(prompt, add_special_tokens=False)[-1]
+    chain = [last] + tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert len(set(chain)) == len(chain), [tok.decode([t]) for t in chain]
+    (f,) = dst.glob("*.safetensors")
+    w = load_file(str(f))
+    cfg = json.loads((dst / "config.json").read_text())
+    emb = w["model.embed_tokens.weight"].copy()
+    head = np.zeros_like(emb)
+    assert len(chain) <= cfg["hidden_size"]
+    for i, (t, nxt) in enumerate(zip(chain, chain[1:])):
+        emb[t] = np.eye(cfg["hidden_size"], dtype=emb.dtype)[i]
+        head[nxt] = 10 * emb[t]
+    w["model.embed_tokens.weight"], w["lm_head.weight"] = emb, head
+    for k in w:
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            w[k] = np.zeros_like(w[k])
+    save_file(w, str(f), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +77,14 @@ def site(persona_models, tmp_path_factory):
     ada, ada_stages = pool.run(persona_models["ada"])
     darwin, darwin_stages = pool.run(persona_models["darwin"])
     personas = {"ada": Persona("ada", ada, find_stage(ada_stages, "early").system),
-                "darwin": Persona("darwin", darwin), "base": Persona("base", base)}
+                "darwin": Persona("darwin", darwin), "base": Persona("base", base),
+                "cot": Persona("cot", pool.base(str(make_cot_model(persona_models["model"], tmp / "cot"))))}
     state = ServerState(personas, api_key=KEY, chunk=4, default_max_tokens=24)
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     db = tmp / "ratings.sqlite"
     routes = web_routes(state, {"ada": ada_stages, "darwin": darwin_stages},
-                        RateConfig(str(prompts), str(db), max_tokens=RATE_TOKENS))
+                        RateConfig(str(prompts), str(db), ("ada", "darwin", "base"), max_tokens=RATE_TOKENS))
     with BackgroundServer(state, extra_routes=routes) as url:
         yield {"url": url, "db": db, "tmp": tmp,
                "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)}
@@ -136,7 +170,7 @@ def test_chat_page_streams_an_answer(site, browser, tmp_path):
     d.get(url + "/")
     wait(d, lambda d: d.find_element("id", "key-box").is_displayed(), what="the API key form")
     enter_key(d)
-    wait(d, lambda d: len(d.find_elements("css selector", "#model option")) == 3, what="the model list")
+    wait(d, lambda d: len(d.find_elements("css selector", "#model option")) == 4, what="the model list")
     # the key stays in this tab's session storage, never in local storage
     assert d.execute_script("return sessionStorage.getItem('persllm.apiKey')") == KEY
     assert d.execute_script("return JSON.stringify(localStorage)").find(KEY) < 0
@@ -189,24 +223,33 @@ def test_analysis_toggle_matches_python_split(site, browser):
 
     d = browser
     d.get(site["url"] + "/")
-    wait(d, lambda d: len(d.find_elements("css selector", "#model option")) == 3, what="the model list")
+    wait(d, lambda d: len(d.find_elements("css selector", "#model option")) == 4, what="the model list")
     cases = ["[Analysis] I weigh it. [Response] Yes, indeed.", "no tags at all", "[analysis] only thinking",
              "  [ Analysis ]a[RESPONSE]b ", "[Response] direct", "text [Response] after"]
     for text in cases:
         got = d.execute_script("return window.persllm.splitThoughts(arguments[0])", text)
         assert tuple(got) == split_thoughts(text), text
-    # the render path of an answer with a chain of thought, hidden then shown
+    # a model that answers with a chain of thought: streamed with the analysis hidden, then toggled
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element("id", "model")).select_by_value("cot")
     d.execute_script("""
-      const el = document.createElement('div'); el.className = 'msg assistant'; el.id = 'cot';
-      el.innerHTML = '<div class="who"></div><div class="analysis" hidden></div><div class="body"></div>';
-      el.dataset.raw = '[Analysis] I weigh it. [Response] Yes, indeed.'; el.dataset.done = '1';
-      document.getElementById('messages').append(el);
-      document.getElementById('thoughts').dispatchEvent(new Event('change'));""")
-    body = lambda: d.find_element("css selector", "#cot .body").text  # noqa: E731
-    analysis = d.find_element("css selector", "#cot .analysis")
-    assert body() == "Yes, indeed." and not analysis.is_displayed()
+      window.seenTexts = [];
+      new MutationObserver(() => document.querySelectorAll('.msg.assistant .body')
+          .forEach(b => window.seenTexts.push(b.textContent)))
+        .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});""")
+    d.find_element("id", "message").send_keys("Who are you?")
+    d.find_element("id", "send").click()
+    msg = wait(d, lambda d: d.find_elements("css selector", ".msg.assistant[data-done='1']"), what="the answer")[0]
+    assert msg.get_attribute("data-raw") == COT and int(msg.get_attribute("data-chunks")) >= 3
+    seen = d.execute_script("return window.seenTexts")
+    assert seen and not any("Engines" in t for t in seen), seen  # the analysis never showed while streaming
+    body = lambda: msg.find_element("css selector", ".body").text  # noqa: E731
+    analysis = msg.find_element("css selector", ".analysis")
+    assert body() == "It computes Bernoulli numbers!" and not analysis.is_displayed()
     d.find_element("id", "thoughts").click()
-    assert analysis.is_displayed() and "I weigh it." in analysis.text and body() == "Yes, indeed."
+    assert analysis.is_displayed() and analysis.text == "[Analysis] : Engines weave algebraic patterns."
+    assert body() == "It computes Bernoulli numbers!"
     d.find_element("id", "thoughts").click()
     assert not analysis.is_displayed()
     assert console_errors(d) == []
