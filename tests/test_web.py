@@ -84,7 +84,8 @@ def site(persona_models, tmp_path_factory):
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     db = tmp / "ratings.sqlite"
     routes = web_routes(state, {"ada": ada_stages, "darwin": darwin_stages},
-                        RateConfig(str(prompts), str(db), ("ada", "darwin", "base"), max_tokens=RATE_TOKENS))
+                        RateConfig(str(prompts), str(db), ("ada", "darwin", "base"), max_tokens=RATE_TOKENS,
+                                   temperature=0.0))  # greedy: the programs the chat test compiled
     with BackgroundServer(state, extra_routes=routes) as url:
         yield {"url": url, "db": db, "tmp": tmp,
                "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)}
@@ -263,7 +264,7 @@ def _expected_answers(client, prompt_row):
     out = {}
     for m in ("ada", "darwin", "base"):
         r = client.chat.completions.create(model=m, messages=[dict(x) for x in prompt_row.messages],
-                                           temperature=0.7, top_p=0.9, max_tokens=RATE_TOKENS,
+                                           temperature=0.0, top_p=0.9, max_tokens=RATE_TOKENS,
                                            seed=answer_seed(prompt_row.id, m))
         text = r.choices[0].message.content
         out[m] = split_thoughts(text)[1] or text.strip()

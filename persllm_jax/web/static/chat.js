@@ -74,6 +74,7 @@
     addMessage("user", text);
     const el = addMessage("assistant", "");
     el.dataset.chunks = "0";
+    el.setAttribute("aria-busy", "true");  // screen readers announce the answer once, when complete
     $("send").disabled = true; $("stop").disabled = false;
     P.setStatus("Answering…");
     controller = new AbortController();
@@ -126,6 +127,7 @@
       }
     } finally {
       el.dataset.done = "1";
+      el.removeAttribute("aria-busy");
       render(el);
       controller = null;
       $("send").disabled = false; $("stop").disabled = true;
