@@ -194,6 +194,15 @@ def test_killed_server_keeps_every_acknowledged_judgement(rated):
     con.close()
     missing = set(acked) - stored
     assert not missing, sorted(missing)[:5]
+    # items shown before the kill can still be judged once the database is opened again (a restarted server)
+    from persllm_jax.web.rate import RateStore
+
+    open_items = rows(db, "SELECT a.assignment_id, a.rater_id FROM assignments a LEFT JOIN judgements j "
+                          "ON a.assignment_id = j.assignment_id WHERE j.judgement_id IS NULL AND a.rater_id LIKE 'kill%'")
+    if open_items:
+        it = open_items[0]
+        assert RateStore(db).record("after-kill", it["assignment_id"], it["rater_id"],
+                                    {"fidelity": "A", "knowledge": "A", "style": "A"}, "")[0] == 200
     print(f"kill: {len(acked)} acknowledged judgements, all {len(stored)} stored rows survived SIGKILL")
 
 
