@@ -193,10 +193,11 @@ def plot(h: dict, path: Path) -> None:
     ax1.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax1.set_xticks(np.arange(len(pairs)))
     ax1.set_xticklabels(pairs, fontsize=8, rotation=15)
-    ax1.set_ylim(0, 1)
+    ax1.set_ylim(0, 1.22)  # room above the bars for the legend
+    ax1.set_yticks(np.linspace(0, 1, 6))
     ax1.set_ylabel("win rate of the first model")
     ax1.set_title("Pairwise win rates (95% bootstrap CI)")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, ncol=len(crits), loc="upper center")
     models = h["models"]
     for i, c in enumerate(crits):
         xs = np.arange(len(models)) + i * wdt - 0.4 + wdt / 2
