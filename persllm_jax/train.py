@@ -120,11 +120,15 @@ def opt_state_shardings(opt_state, trainable, t_sh, mesh):
     return walk(opt_state)
 
 
-def compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh):
+SFT_BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
+
+
+def compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=None, batch_keys=SFT_BATCH_KEYS):
+    """The jitted step on the mesh (SFT's unless `step` is given, e.g. DPO's, with its `batch_keys`)."""
     st_sh, fr_sh = state_shardings(state, frozen, mesh)
     b_sh = shd.batch_sharding(mesh)
-    batch_sh = {k: b_sh for k in ("tokens", "targets", "weights", "positions", "segment_ids")}
-    step = make_train_step(cfg, mcfg, optimizer, schedule)
+    batch_sh = {k: b_sh for k in batch_keys}
+    step = step or make_train_step(cfg, mcfg, optimizer, schedule)
     jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, batch_sh), out_shardings=(st_sh, shd.replicated(mesh)),
                      donate_argnums=(0,))
     return jitted, st_sh, fr_sh, b_sh
@@ -192,6 +196,15 @@ def _trim_metrics(path: Path, upto: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def lora_info_of(cfg: TrainConfig) -> dict | None:
+    """run.json's `lora` entry (export and eval read rank, alpha and scale from it)."""
+    if not cfg.lora.enabled:
+        return None
+    return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+            "targets": list(lora_mod.resolve_targets(cfg.lora.targets)),
+            "scale": lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)}
+
+
 def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
         log=print) -> dict:
     """Train per `cfg` into `run_dir` (resuming from its latest checkpoint). Returns a summary dict."""
@@ -221,7 +234,26 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
     state, frozen = init_state(cfg, mcfg, loaded.params, optimizer, mesh)
     kind = "lora" if cfg.lora.enabled else "params"
     step_fn, st_sh, _, b_sh = compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh)
+    info = {"model": cfg.model, "model_source": loaded.source, "model_config": loaded.hf_config, "kind": kind,
+            "lora": lora_info_of(cfg), "data": str(path), "data_stats": vars(stats), "total_steps": total,
+            "mesh": dict(mesh.shape)}
+    n_lora = lora_mod.lora_param_count(state["trainable"]) if cfg.lora.enabled else None
+    fpt = flops_per_token(mcfg, cfg.max_length, n_lora)
+    stream = lambda pos, row_slice=slice(None): data_mod.batches(  # noqa: E731
+        examples, cfg.max_length, rows_per_step, cfg.seed, pos, cfg.shuffle, cfg.packing, row_slice)
+    out = train_loop(cfg, run_dir, state=state, frozen=frozen, step_fn=step_fn, b_sh=b_sh, stream=stream,
+                     total=total, kind=kind, info=info, fpt=fpt, desc="sft", progress=progress, log=log)
+    out.update(mesh=mesh, stats=stats)
+    return out
 
+
+def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh, stream, total: int, kind: str,
+               info: dict, fpt: float, desc: str, progress: bool = True, log=print, int_metrics=("trained_tokens",)):
+    """The loop shared by SFT and DPO: resume, config.yaml + run.json, metrics.jsonl, progress bar, checkpoints.
+
+    `step_fn(state, frozen, batch) -> (state, metrics)`; `stream(data_pos)` yields (host rows [accum*B, ...],
+    next data_pos). Every metric the step returns goes to metrics.jsonl (floats; `int_metrics` as ints).
+    """
     mgr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
     start, data_pos = 0, 0
     latest = mgr.latest_step()
@@ -232,30 +264,21 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
         start, data_pos = int(meta["step"]), int(meta["data_position"])
         log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
     save_config(cfg, run_dir / "config.yaml")
-    lora_info = None
-    if cfg.lora.enabled:
-        lora_info = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                     "targets": list(lora_mod.resolve_targets(cfg.lora.targets)),
-                     "scale": lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)}
     (run_dir / "run.json").write_text(json.dumps({
-        "model": cfg.model, "model_source": loaded.source, "model_config": loaded.hf_config, "kind": kind,
-        "lora": lora_info, "data": str(path), "data_stats": vars(stats), "total_steps": total,
-        "mesh": dict(mesh.shape), "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}",
+        **info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}",
     }, indent=1, default=str))
 
     metrics_path = run_dir / "metrics.jsonl"
     _trim_metrics(metrics_path, start)
-    n_lora = lora_mod.lora_param_count(state["trainable"]) if cfg.lora.enabled else None
-    fpt = flops_per_token(mcfg, cfg.max_length, n_lora)
     peak = peak_flops(cfg)
     local = shd.process_row_slice(cfg.batch_size) if jax.process_count() > 1 else slice(None)
-    stream = data_mod.batches(examples, cfg.max_length, rows_per_step, cfg.seed, data_pos, cfg.shuffle, cfg.packing)
+    stream = stream(data_pos)
 
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc="sft", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     t_last, tok_since, last = time.perf_counter(), 0, {}
     for step in range(start, total):
         host, data_pos = next(stream)
@@ -271,8 +294,9 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
             now = time.perf_counter()
             tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
             last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
-                    "mfu": tps * fpt / peak, "grad_norm": float(m["grad_norm"]),
-                    "trained_tokens": int(m["trained_tokens"]), "data_position": data_pos}
+                    "mfu": tps * fpt / peak}
+            last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
+            last["data_position"] = data_pos
             if jax.process_index() == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -288,9 +312,9 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
     mgr.wait_until_finished()
     if bar is not None:
         bar.close()
-    return {"steps": total, "last": last, "state": state, "frozen": frozen, "mesh": mesh, "stats": stats,
-            "flops_per_token": fpt, "peak_flops": peak}
+    return {"steps": total, "last": last, "state": state, "frozen": frozen, "flops_per_token": fpt,
+            "peak_flops": peak}
 
 
-__all__ = ["token_nll_sum", "make_optimizer", "make_train_step", "compile_step", "init_state", "run",
+__all__ = ["token_nll_sum", "make_optimizer", "make_train_step", "compile_step", "init_state", "run", "train_loop",
            "flops_per_token", "measure_peak_flops", "state_shardings"]

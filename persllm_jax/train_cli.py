@@ -12,7 +12,7 @@ from .train_config import ConfigError, TrainConfig, load_config
 
 @click.group()
 def train():
-    """Train persona models: `sft` (personified conversational tuning), later `dpo`."""
+    """Train persona models: `sft` (personified conversational tuning), then `dpo` (preference pairs)."""
 
 
 def resolve_config(cls, run_dir: Path, config_file, sets, resume: bool, cli: dict):
@@ -65,5 +65,44 @@ def sft(model, data, out, config_file, sets, resume, no_progress):
     if last:
         click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
                    f"MFU {100 * last['mfu']:.1f}%; checkpoints in {run_dir / 'checkpoints'}")
+    else:
+        click.echo(f"nothing to do: {run_dir} already holds step {summary['steps']}")
+
+
+@train.command("dpo")
+@click.option("--model", "model", default=None, help="Base model (HF dir, .gguf or `smollm2`) when there is no --from.")
+@click.option("--from", "from_run", default=None, type=click.Path(file_okay=False),
+              help="SFT RUN_DIR: its adapter is merged into the base, which is also the reference (omit: DPO on the base).")
+@click.option("--data", "data", default=None, help="Corpus dir (reads dpo/train.jsonl) or a .jsonl file of pairs.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="RUN_DIR for config, metrics, checkpoints.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. beta=0.2.")
+@click.option("--resume", is_flag=True, help="Require a checkpoint in RUN_DIR and continue from it.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
+def dpo(model, from_run, data, out, config_file, sets, resume, no_progress):
+    """Direct preference optimisation on CORPUS/dpo/train.jsonl (prompt / chosen / rejected)."""
+    from .data import DataError
+    from .export import ExportError
+    from .lora import LoraError
+    from .sharding import MeshError
+    from .train_config import DPOConfig
+    from .weights import WeightsError
+
+    run_dir = Path(out)
+    try:
+        cfg = resolve_config(DPOConfig, run_dir, config_file, sets, resume,
+                             {"model": model, "data": data, "from_run": from_run})
+        if not cfg.data:
+            raise ConfigError("no preference data: pass --data CORPUS_DIR or set `data` in the config")
+        from .dpo import run
+
+        summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
+    except (ConfigError, DataError, ExportError, LoraError, MeshError, WeightsError, FileNotFoundError) as e:
+        _fail(e)
+    last = summary["last"]
+    if last:
+        click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, reward accuracy "
+                   f"{last['reward_accuracy']:.3f}, margin {last['reward_margin']:.4f}, "
+                   f"{last['tokens_per_s']:.0f} tokens/s; checkpoints in {run_dir / 'checkpoints'}")
     else:
         click.echo(f"nothing to do: {run_dir} already holds step {summary['steps']}")

@@ -70,6 +70,25 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """SFT keys plus the DPO ones. `from_run` is the SFT run whose merged weights are the base and the
+    reference (empty: DPO on the base model); `data` is a corpus dir (reads dpo/train.jsonl) or a .jsonl file."""
+
+    from_run: str = ""
+    from_step: int = -1  # -1 = the SFT run's latest checkpoint
+    learning_rate: float = 5e-5
+    batch_size: int = 4  # packed rows (each holds whole prompt+chosen+rejected pairs) per micro-step
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid (cDPO with label_smoothing) | ipo | hinge
+    label_smoothing: float = 0.0  # sigmoid only: assumed fraction of flipped labels (cDPO)
+    nll_weight: float = 0.0  # weight of the NLL on chosen tokens (RPO); 0 = off
+    precompute_ref: bool = False  # reference log-probs computed once before training, cached under the run dir
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
@@ -196,6 +215,12 @@ def validate(cfg) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"config: invalid value for {key}: {value!r}")
+    if isinstance(cfg, DPOConfig):
+        for key, ok in [("beta", cfg.beta > 0), ("loss_type", cfg.loss_type in LOSS_TYPES),
+                        ("label_smoothing", 0.0 <= cfg.label_smoothing < 0.5), ("nll_weight", cfg.nll_weight >= 0)]:
+            if not ok:
+                extra = f" (one of {', '.join(LOSS_TYPES)})" if key == "loss_type" else ""
+                raise ConfigError(f"config: invalid value for {key}: {getattr(cfg, key)!r}{extra}")
     for axis in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, axis)
         if v == 0 or v < -1:
@@ -210,5 +235,5 @@ def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["TrainConfig", "LoraConfig", "MeshConfig", "ConfigError", "load_config", "save_config", "to_dict",
+__all__ = ["TrainConfig", "DPOConfig", "LoraConfig", "MeshConfig", "ConfigError", "load_config", "save_config", "to_dict",
            "valid_keys", "parse_set"]
