@@ -60,7 +60,9 @@ def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None 
         raise FileNotFoundError(f"{run_dir}: no checkpoint")
     meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     kind = kind or meta.get("kind", "lora")
-    out = mgr.restore(step, args=ocp.args.Composite(**{kind: ocp.args.StandardRestore()}))
+    # A checkpoint written by several hosts names devices this process lacks: restore onto the default device.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = mgr.restore(step, args=ocp.args.Composite(**{kind: ocp.args.StandardRestore(fallback_sharding=one)}))
     return out[kind], meta
 
 

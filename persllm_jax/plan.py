@@ -331,9 +331,30 @@ def _worker_main(argv):
 
 
 def load_train_config(config_file, sets=(), model=None):
-    """A train config (SFT or DPO YAML: the step planned is the SFT one, DPO's differs by a reference forward)."""
+    """A train config: an SFT or DPO YAML, or a `persllm reproduce` recipe (its `sft` section). The step planned
+    is SFT's; DPO's differs by one reference forward without gradients."""
+    import dataclasses
+
+    import yaml
+
     from .train_config import ConfigError, TrainConfig, load_config
 
+    try:
+        doc = yaml.safe_load(Path(config_file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{config_file}: cannot read config: {str(e).splitlines()[0]}") from None
+    if isinstance(doc, dict) and ("sft" in doc or "include" in doc):  # a reproduce recipe
+        from . import reproduce
+
+        try:
+            sft = reproduce.train_config(reproduce.load(config_file), "sft")
+        except reproduce.ReproduceError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        base = {k: v for k, v in dataclasses.asdict(sft).items() if k in names}
+        if model:
+            base["model"] = model
+        return load_config(TrainConfig, None, sets, base=base)
     base = {"model": model} if model else None
     try:
         cfg = load_config(TrainConfig, config_file, sets, base=base)

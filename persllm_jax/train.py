@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint, data as data_mod, lora as lora_mod, sharding as shd
+from . import checkpoint, data as data_mod, distributed, lora as lora_mod, sharding as shd
 from .config import ModelConfig
 from .model import hidden_states, linear_shapes, logits_from_hidden
 from .train_config import TrainConfig, save_config, to_dict
@@ -129,7 +129,8 @@ def compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=None,
     b_sh = shd.batch_sharding(mesh)
     batch_sh = {k: b_sh for k in batch_keys}
     step = step or make_train_step(cfg, mcfg, optimizer, schedule)
-    jitted = jax.jit(step, in_shardings=(st_sh, fr_sh, batch_sh), out_shardings=(st_sh, shd.replicated(mesh)),
+    jitted = jax.jit(shd.in_mesh(step, mesh), in_shardings=(st_sh, fr_sh, batch_sh),
+                     out_shardings=(st_sh, shd.replicated(mesh)),
                      donate_argnums=(0,))
     return jitted, st_sh, fr_sh, b_sh
 
@@ -169,7 +170,7 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int, lora_params: int | None) ->
 
 def measure_peak_flops(dim: int = 2048, reps: int = 5) -> float:
     """Achieved FLOP/s of a large fp32 matmul on device 0 (the machine's practical peak)."""
-    x = jax.device_put(jnp.ones((dim, dim), jnp.float32) * 0.5, jax.devices()[0])
+    x = jax.device_put(jnp.ones((dim, dim), jnp.float32) * 0.5, jax.local_devices()[0])
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     t = time.perf_counter()
@@ -212,8 +213,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(cfg, log)  # multi-host: config keys, JAX_* environment or cluster autodetection
     loaded = loaded or load_model(cfg.model)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     mcfg = loaded.cfg
@@ -263,15 +263,15 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
         state = {"step": tstate["step"], "trainable": trainable, "opt_state": opt_state, "rng": tstate["rng"]}
         start, data_pos = int(meta["step"]), int(meta["data_position"])
         log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "run.json").write_text(json.dumps({
-        **info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}",
-    }, indent=1, default=str))
-
     metrics_path = run_dir / "metrics.jsonl"
-    _trim_metrics(metrics_path, start)
+    if distributed.is_main():  # multi-host: run files and metrics from process 0 (checkpoints from all)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps({
+            **info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}",
+        }, indent=1, default=str))
+        _trim_metrics(metrics_path, start)
     peak = peak_flops(cfg)
-    local = shd.process_row_slice(cfg.batch_size) if jax.process_count() > 1 else slice(None)
+    local = shd.process_rows(b_sh, cfg.batch_size)  # this process's rows of each micro-batch
     stream = stream(data_pos)
 
     bar = None
@@ -282,9 +282,9 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
     t_last, tok_since, last = time.perf_counter(), 0, {}
     for step in range(start, total):
         host, data_pos = next(stream)
-        host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, -1)[:, local] for k, v in host.items()}
-        tok_since += int((host["segment_ids"] > 0).sum()) * jax.process_count()
-        state, m = step_fn(state, frozen, shd.put_batch(host, b_sh))
+        tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
+        host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
+        state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
         if step == start:  # the first step includes compilation: keep it out of tokens/s
             jax.block_until_ready(m)
             t_last, tok_since = time.perf_counter(), 0
