@@ -279,7 +279,7 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-    t_last, tok_since, last = time.perf_counter(), 0, {}
+    t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
     for step in range(start, total):
         host, data_pos = next(stream)
         tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
@@ -287,14 +287,16 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
         state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
         if step == start:  # the first step includes compilation: keep it out of tokens/s
             jax.block_until_ready(m)
-            t_last, tok_since = time.perf_counter(), 0
+            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             m = jax.device_get(m)
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
+            # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
+            tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
             last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
-                    "mfu": tps * fpt / peak}
+                    "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
             last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
             last["data_position"] = data_pos
             if jax.process_index() == 0:
@@ -302,7 +304,7 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
                     f.write(json.dumps(last) + "\n")
             if bar is not None:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-            t_last, tok_since = time.perf_counter(), 0
+            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
         if bar is not None:
             bar.update(1)
         if (cfg.save_every and done % cfg.save_every == 0) or done == total:
