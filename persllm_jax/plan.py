@@ -247,6 +247,10 @@ def _gib(n) -> str:
     return "n/a" if n is None else f"{n / GiB:8.2f} GiB"
 
 
+def _cap(cap: int) -> str:
+    return f"{cap / GiB:.0f}" if cap % GiB == 0 else f"{cap / GiB:.1f}"
+
+
 def suggestions(cfg, plan: dict, n_devices: int) -> list[tuple[list[str], str]]:
     """(--set changes, why) that lower per-device memory, most effective first."""
     b, out = plan["bytes"], []
@@ -282,7 +286,7 @@ def report(plan: dict, kind: str, cap: int, headroom: float) -> tuple[str, bool]
     trained = (f"LoRA ({plan['n_trainable'] / 1e6:.1f}M trainable)" if plan["lora"] else "full fine-tuning")
     lines = [
         f"model       {plan['model']}: {plan['n_params'] / 1e9:.2f}B params, {trained}",
-        f"devices     {plan['devices']} x {kind} ({cap / GiB:.0f} GiB each), mesh {mesh}",
+        f"devices     {plan['devices']} x {kind} ({_cap(cap)} GiB each), mesh {mesh}",
         f"step        batch {plan['batch_size']} x {plan['max_length']} tokens ({plan['micro_rows_per_device']} rows "
         f"per device per micro-step), grad_accum {plan['grad_accum']}, compute {plan['dtype']}, weights "
         f"{plan['param_dtype']}, remat {'on' if plan['remat'] else 'off'}",
@@ -292,7 +296,7 @@ def report(plan: dict, kind: str, cap: int, headroom: float) -> tuple[str, bool]
         f"  batch            {_gib(b['batch'])}",
         f"  activations      {_gib(b['activations'])}   (saved for the backward pass)",
         f"  temporaries      {_gib(b['temporaries'])}",
-        f"  peak             {_gib(b['peak'])}   of {cap / GiB:.1f} GiB ({100 * b['peak'] / cap:.0f}%; "
+        f"  peak             {_gib(b['peak'])}   of {_cap(cap)} GiB ({100 * b['peak'] / cap:.0f}%; "
         f"limit {100 * headroom:.0f}% = {usable / GiB:.1f} GiB)",
         f"compiled in {plan['compile_s']:.1f} s. Caveat: CPU buffer assignment and fusion; temporaries on "
         f"TPU/GPU differ (bf16 may be kept in fp32 on CPU).",
