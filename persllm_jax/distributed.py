@@ -56,8 +56,9 @@ def initialize(cfg, log=print) -> bool:
     try:
         jax.distributed.initialize(**kw)
     except (ValueError, RuntimeError) as e:
-        raise DistributedError(f"distributed: jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kw.items())}) "
-                               f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistributedError(f"distributed: jax.distributed.initialize({args}) failed: {why}") from None
     if jax.process_index() == 0:
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
             f"({jax.local_device_count()} per process, {jax.devices()[0].platform})")

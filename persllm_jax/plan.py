@@ -152,7 +152,8 @@ def _saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | N
         res = saved_residuals(f, trainable, frozen, batch)
     except Exception:  # noqa: BLE001  (private API; the plan stands without the split)
         return None
-    return int(sum(math.prod(a.shape) * a.dtype.itemsize for a, why in res if not str(why).startswith("from the argument")))
+    return int(sum(math.prod(a.shape) * a.dtype.itemsize for a, why in res
+                   if not str(why).startswith("from the argument")))
 
 
 def abstract_step(cfg, n_devices: int, devices=None) -> dict:
@@ -422,8 +423,9 @@ def _click_command():
             raise click.ClickException(str(e).splitlines()[0]) from None
         text, fits = report(result, kind, cap, headroom)
         if as_json:
-            click.echo(json.dumps({**result, "device_kind": kind, "capacity": cap, "fits": fits,
-                                   "suggestions": [] if fits else [{"set": a, "why": w} for a, w in suggestions(cfg, result, n)]}, indent=1))
+            fixes = [] if fits else [{"set": a, "why": w} for a, w in suggestions(cfg, result, n)]
+            click.echo(json.dumps({**result, "device_kind": kind, "capacity": cap, "fits": fits, "suggestions": fixes},
+                                  indent=1))
         else:
             click.echo(text)
         if not fits:
@@ -437,8 +439,9 @@ def _click_command():
 
 plan_command = _click_command()
 
-__all__ = ["compute_plan", "abstract_step", "static_bytes", "load_train_config", "plan_command", "report", "suggestions", "format_suggestions",
-           "capacity", "model_config", "hf_config_of", "run_worker", "SHAPES", "DEVICE_KINDS", "PlanError"]
+__all__ = ["compute_plan", "abstract_step", "static_bytes", "load_train_config", "plan_command", "report",
+           "suggestions", "format_suggestions", "capacity", "model_config", "hf_config_of", "run_worker", "SHAPES",
+           "DEVICE_KINDS", "PlanError"]
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])

@@ -152,3 +152,28 @@ def test_two_processes_dpo_equals_one_process(runs):
     assert "[0] dpo rows=slice(0, 4, None)" in logs[0] and "[1] dpo rows=slice(0, 4, None)" in logs[1]
     _check_equal(two / "dpo", one / "dpo", ref["dpo"]["state"])
     assert "reward_accuracy" in _metrics(two / "dpo")[0]
+
+
+def test_init_arguments_from_config_then_environment(monkeypatch):
+    from persllm_jax import distributed
+    from persllm_jax.train_config import load_config
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+                "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "KUBERNETES_SERVICE_HOST", "OMPI_MCA_orte_hnp_uri",
+                "PMIX_NAMESPACE"):
+        monkeypatch.delenv(var, raising=False)
+    on = ["distributed=true"]
+    assert distributed.init_kwargs(load_config(overrides=on)) == {}  # bare initialize(): JAX autodetects
+    cfg = load_config(overrides=on + ["coordinator_address=10.0.0.1:1234", "num_processes=2", "process_id=1"])
+    assert distributed.init_kwargs(cfg) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                                            "process_id": 1}
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    assert distributed.init_kwargs(load_config(overrides=on)) == {"coordinator_address": "10.0.0.2:99",
+                                                                  "num_processes": 4, "process_id": 0}
+    assert distributed.init_kwargs(cfg)["coordinator_address"] == "10.0.0.1:1234"  # the config wins
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(distributed.DistributedError, match="set process_id too"):
+        distributed.init_kwargs(load_config(overrides=on))
+    assert distributed.initialize(load_config()) is False  # distributed=false: nothing happens
