@@ -394,7 +394,12 @@ def plan_config_dict(cfg) -> dict:
 def _click_command():
     import click
 
-    @click.command("plan")
+    help_text = ("Compile the train step of CONFIG_FILE for N emulated devices and check it fits the chip's memory.\n\n"
+                 "CONFIG_FILE is a train config (SFT or DPO) or a `persllm reproduce` recipe (its sft stage). No "
+                 "weights are read: the model may be a named shape, e.g. `model: shape:llama-8b` (shapes: "
+                 + ", ".join(SHAPES) + "). Exits 1 when the step does not fit, with fixes to try. See docs/scale.md.")
+
+    @click.command("plan", help=help_text)
     @click.argument("config_file", type=click.Path(dir_okay=False))
     @click.option("--devices", "n_devices", type=int, default=None,
                   help="Devices to plan for (default: the config's mesh size, or 1 when an axis is -1).")
@@ -406,11 +411,6 @@ def _click_command():
                   help="Fraction of the device memory the step may use (the rest: runtime, fragmentation).")
     @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
     def plan(config_file, n_devices, kind, model, sets, headroom, as_json):
-        """Compile the train step of CONFIG_FILE for N emulated devices and check it fits the chip's memory.
-
-        No weights are read: the model may be a named shape (`model: shape:llama-8b`; shapes: """ + \
-            ", ".join(SHAPES) + """). Exits 1 when the step does not fit, with fixes to try.
-        """
         from .sharding import MeshError
         from .train_config import ConfigError
 
