@@ -28,7 +28,9 @@ def parse_args(argv=None):
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (dry run of this script)")
     ap.add_argument("--shape", default="llama-1b", help="named model shape (persllm_jax.plan.SHAPES)")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per row")
-    ap.add_argument("--batch", type=int, default=8, help="rows per step")
+    ap.add_argument("--batch", type=int, default=2,
+                    help="rows per step (persllm plan, llama-1b on h100-80g without remat: 2 x 2048 needs ~61 GiB, "
+                         "8 x 2048 ~215 GiB: the attention scores of every layer are kept for the backward pass)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after one compile step)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--remat", action="store_true", help="recompute layers in the backward pass")
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
         return 2
     n = 512 if args.cpu_smoke else 8192
     res["peak_flops"] = peak_matmul(accel, n)
-    print(f"peak: bf16 matmul {n}^3 {res['peak_flops'] / 1e12:.1f} TFLOP/s (measured)", flush=True)
+    print(f"peak: bf16 matmul {n}^3 {res['peak_flops'] / 1e12:.3g} TFLOP/s (measured)", flush=True)
     if not args.skip_parity:
         res["parity"] = p = parity(args, accel, cpu, have_dpo)
         print(f"parity vs CPU (fp32): forward max|diff| {p['forward_max_abs_diff']:.2e}, SFT loss diff "
