@@ -308,15 +308,15 @@ def test_sft_then_dpo_run_exports_merged(tiny, tmp_path):
 
     model, corpus, loaded, tok = tiny
     sft_corpus = write_corpus(tmp_path / "sft_corpus", n=6, seed=3)
-    common = ["--no-progress", "--set", "max_length=64", "--set", "batch_size=2", "--set", "mesh.data=1",
+    common = ["--no-progress", "--set", "max_length=64", "--set", "batch_size=8", "--set", "mesh.data=-1",
               "--set", "peak_tflops=0.15", "--set", "lora.rank=4", "--set", "lora.alpha=8", "--set", "warmup_steps=0",
               "--set", "learning_rate=1e-2"]
     res = CliRunner().invoke(main, ["train", "sft", "--model", str(model), "--data", str(sft_corpus), "--out",
                                     str(tmp_path / "sft"), "--set", "steps=2"] + common)
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["train", "dpo", "--from", str(tmp_path / "sft"), "--data", str(corpus), "--out",
-                                    str(tmp_path / "dpo"), "--set", "steps=2", "--set", "lora.rank=2",
-                                    "--set", "lora.targets=q_proj,down_proj"] + common)
+                                    str(tmp_path / "dpo")] + common + ["--set", "steps=2", "--set", "lora.rank=2",
+                                                                      "--set", "lora.targets=q_proj,down_proj"])
     assert res.exit_code == 0, res.output
     assert "reward accuracy" in res.output
     info = json.loads((tmp_path / "dpo" / "run.json").read_text())
@@ -330,7 +330,8 @@ def test_sft_then_dpo_run_exports_merged(tiny, tmp_path):
     res = CliRunner().invoke(main, ["export", "--run", str(tmp_path / "dpo"), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     batch = E.probe_batch(tok, loaded.cfg, n_random=2)
-    base_sft_dpo = L.merge_lora(L.merge_lora(loaded.params, sft_ad, 2.0), dpo_ad, 4.0)  # alpha 8 / r 2
+    assert info["lora"]["rank"] == 2 and info["lora"]["scale"] == 4.0 and sorted(dpo_ad) == ["down_proj", "q_proj"]
+    base_sft_dpo = L.merge_lora(L.merge_lora(loaded.params, sft_ad, 2.0), dpo_ad, 4.0)  # alpha 8 / r 4, 8 / r 2
     want = E.logits_of(base_sft_dpo, loaded.cfg, batch)
     got = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")), batch)
     mask = np.asarray(batch["segment_ids"]) > 0

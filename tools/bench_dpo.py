@@ -1,6 +1,6 @@
 """Benchmark: our DPO vs TRL `DPOTrainer` + PEFT, same weights, pairs and LoRA settings, both on the CPU, one run.
 
-    python tools/bench_train.py dpo [--n 32] [--rows 2] [--trl-batch 4] [--precompute] [--skip-trl]
+    python tools/bench_train.py dpo [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--precompute] [--skip-trl]
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; TRL gets the same fp32 weights as a transformers model through
 bench_train.torch_model_from_ours). LoRA r=16, alpha=32, dropout 0, all seven linear layers; AdamW lr 5e-5; sigmoid
@@ -76,7 +76,7 @@ def side_ours(args, tmp: Path) -> dict:
     from persllm_jax.train_config import DPOConfig, load_config
     from persllm_jax.weights import load_model, load_tokenizer
 
-    sets = ["epochs=1", f"batch_size={args.rows}", f"max_length={args.max_length}", "learning_rate=5e-5",
+    sets = ["epochs=1", f"batch_size={args.rows}", f"grad_accum={args.accum}", f"max_length={args.max_length}", "learning_rate=5e-5",
             "warmup_steps=0", "lora.rank=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all-linear",
             "weight_decay=0", "beta=0.1", "loss_type=sigmoid", f"precompute_ref={str(args.precompute).lower()}",
             "mesh.data=1", "log_every=100000", f"peak_tflops={args.peak / 1e12}", "shuffle=true", "seed=0",
@@ -149,7 +149,7 @@ def _child(args):
 
 def _spawn(side: str, args, tmp: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--tmp", str(tmp), "--n", str(args.n),
-           "--rows", str(args.rows), "--trl-batch", str(args.trl_batch), "--max-length", str(args.max_length),
+           "--rows", str(args.rows), "--accum", str(args.accum), "--trl-batch", str(args.trl_batch), "--max-length", str(args.max_length),
            "--peak", str(args.peak)] + (["--precompute"] if args.precompute else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
@@ -163,9 +163,10 @@ def _spawn(side: str, args, tmp: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="pairs (one epoch each side)")
-    ap.add_argument("--rows", type=int, default=2, help="our packed rows per step")
+    ap.add_argument("--rows", type=int, default=1, help="our packed rows per micro-step")
+    ap.add_argument("--accum", type=int, default=2, help="our micro-steps per optimizer step")
     ap.add_argument("--trl-batch", type=int, default=4, help="TRL pairs per step")
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, default=768, help="row length (ours) / max sequence length (TRL)")
     ap.add_argument("--precompute", action="store_true", help="reference log-probs precomputed on both sides")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s for MFU (0 = measure a matmul)")
