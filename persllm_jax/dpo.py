@@ -273,7 +273,7 @@ def pair_hidden(params, mcfg: ModelConfig, batch: dict, *, lora=None, lora_scale
     if mcfg.sliding_window:
         mask = mask & (pos[:, :, None] - pos[:, None, :] < mcfg.sliding_window)
     mask = mask[:, None, None, :, :]
-    kv_fn = lambda k, v: (k, v, mask)  # noqa: E731
+    kv_fn = lambda k, v: (k, v, mask, False)  # noqa: E731
 
     def body(h, xs):
         layer, lora_layer = xs
