@@ -75,10 +75,11 @@ def test_no_recompile_per_token_and_per_length(tmp_path):
     loaded = load_model(str(tmp_path))
     gen = Generator(loaded.cfg, loaded.params, chunk=8)
     gen.eos_token_ids = ()
-    gen.generate_ids(_prompts(loaded.cfg.vocab_size, [5, 9, 2]), SamplingParams(max_new_tokens=40))
+    gen.generate_ids(_prompts(loaded.cfg.vocab_size, [55, 9, 2]), SamplingParams(max_new_tokens=40))
     prefill, decode = G._prefill._cache_size(), G._decode._cache_size()
     # Other prompt lengths, batch sizes and token counts in the same buckets reuse the compiled programs.
-    for lengths, n in [([7, 1, 1], 33), ([3, 30, 12, 4], 17), ([50, 1, 60], 64)]:
+    assert G._prompt_bucket(49) == G._prompt_bucket(64) == 64 and G._prompt_bucket(41) == 48
+    for lengths, n in [([60, 1, 1], 33), ([3, 50, 12, 4], 17), ([50, 1, 64], 64)]:
         out = gen.generate_ids(_prompts(loaded.cfg.vocab_size, lengths, seed=n), SamplingParams(max_new_tokens=n))
         assert all(len(c.token_ids) == n and c.finish_reason == "length" for c in out)
     assert G._decode._cache_size() == decode
