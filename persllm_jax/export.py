@@ -154,6 +154,23 @@ def base_spec_of(info: dict, run_dir: Path) -> str:
 
 def load_chain(run_dir: str | Path, step: int | None = None) -> Chain:
     """Base model and every stage from the root run to `run_dir` (weights on the host device, fp32 base)."""
+    root_dir, root_info, stages = load_stages(run_dir, step)
+    spec = base_spec_of(root_info, root_dir)
+    try:
+        base = load_model(spec)
+    except Exception as e:
+        raise ExportError(f"base model {spec}: {str(e).splitlines()[0]}") from None
+    recorded = root_info.get("model_config")
+    if recorded:
+        for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            if k in recorded and recorded.get(k) != base.hf_config.get(k):
+                raise ExportError(f"base model {spec}: {k} is {base.hf_config.get(k)!r} but the run was trained on "
+                                  f"{recorded.get(k)!r}; the base changed since training")
+    return Chain(base, spec, stages)
+
+
+def load_stages(run_dir: str | Path, step: int | None = None) -> tuple[Path, dict, list[Stage]]:
+    """(root run dir, its run.json, every stage from the root to `run_dir`), without the base weights."""
     run_dir = Path(run_dir)
     runs: list[tuple[Path, dict, int | None]] = []
     seen = set()
@@ -168,19 +185,7 @@ def load_chain(run_dir: str | Path, step: int | None = None) -> Chain:
         cur, cur_step = _parent(info, cur)
     runs.reverse()
     root_dir, root_info, _ = runs[0]
-    spec = base_spec_of(root_info, root_dir)
-    try:
-        base = load_model(spec)
-    except Exception as e:
-        raise ExportError(f"base model {spec}: {str(e).splitlines()[0]}") from None
-    recorded = root_info.get("model_config")
-    if recorded:
-        for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
-            if k in recorded and recorded.get(k) != base.hf_config.get(k):
-                raise ExportError(f"base model {spec}: {k} is {base.hf_config.get(k)!r} but the run was trained on "
-                                  f"{recorded.get(k)!r}; the base changed since training")
-    stages = [_load_stage(d, info, s) for d, info, s in runs]
-    return Chain(base, spec, stages)
+    return root_dir, root_info, [_load_stage(d, info, s) for d, info, s in runs]
 
 
 def merged_params(chain: Chain, upto: int | None = None) -> dict:

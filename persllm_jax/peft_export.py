@@ -39,22 +39,27 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 def adapter_of(chain: Chain) -> tuple[dict, int, float, float]:
     """(LoRA tree on the original base, rank, alpha, dropout) for the whole chain."""
-    for st in chain.stages:
+    return stacked_adapter(chain.stages, chain.base.cfg)
+
+
+def stacked_adapter(stages: list, mcfg) -> tuple[dict, int, float, float]:
+    """(LoRA tree, rank, alpha, dropout) equal to applying LoRA `stages` one after another on one base."""
+    for st in stages:
         if st.kind != "lora":
             raise ExportError(f"{st.run_dir}: a full fine-tuning run has no adapter; export it with --format merged")
-    if len(chain.stages) == 1:
-        st = chain.stages[0]
+    if len(stages) == 1:
+        st = stages[0]
         lo = st.lora_info
         return st.weights, int(lo["rank"]), float(lo["alpha"]), float(lo.get("dropout") or 0.0)
-    shapes = linear_shapes(chain.base.cfg)
-    L = chain.base.cfg.num_layers
-    names = [n for n in LINEAR_NAMES if any(n in st.weights for st in chain.stages)]
-    ranks = [int(next(iter(st.weights.values()))["a"].shape[-1]) for st in chain.stages]
+    shapes = linear_shapes(mcfg)
+    L = mcfg.num_layers
+    names = [n for n in LINEAR_NAMES if any(n in st.weights for st in stages)]
+    ranks = [int(next(iter(st.weights.values()))["a"].shape[-1]) for st in stages]
     out = {}
     for n in names:
         n_in, n_out = shapes[n]
         a_parts, b_parts = [], []
-        for st, r in zip(chain.stages, ranks):
+        for st, r in zip(stages, ranks):
             p = st.weights.get(n)
             if p is None:
                 a_parts.append(jnp.zeros((L, n_in, r), jnp.float32))

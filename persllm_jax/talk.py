@@ -135,8 +135,9 @@ class ModelPool:
 
     def run(self, run_dir: str | Path, base_spec: str | None = None, step: int | None = None):
         """(Generator, stages) for a trained run: its adapter over `base_spec` (default: the run's model)."""
-        from .checkpoint import load_trained
+        from .export import ExportError, load_stages
         from .generate import Generator
+        from .peft_export import stacked_adapter
 
         info = read_run(run_dir)
         spec = base_spec or info.get("model")
@@ -151,17 +152,21 @@ class ModelPool:
         if base_spec and info.get("model") and base_spec != info.get("model"):
             self.log(f"note: {run_dir} was trained on {info.get('model')}; using it over {base_spec} "
                      f"(same architecture)")
-        try:
-            weights, meta = load_trained(run_dir, step)
-        except FileNotFoundError as e:
+        try:  # the run and its parents (a DPO run over its SFT run), root first
+            _, _, chain = load_stages(run_dir, step)
+        except ExportError as e:
             raise TalkError(str(e)) from None
-        kind = meta.get("kind") or info.get("kind") or "lora"
-        if kind == "lora":
-            scale = float((info.get("lora") or {}).get("scale", 1.0))
-            gen = base.with_adapter(weights, scale)
-        else:
-            gen = Generator(base.cfg, weights, base.tokenizer, dtype=self.dtype, eos_token_ids=base.eos_token_ids,
-                            chunk=self.chunk)
+        # weights after the last full fine-tuning stage (else the shared base), then the LoRA stages after it
+        # stacked into one adapter, so any number of chained adapters still shares the base in memory
+        full = [i for i, st in enumerate(chain) if st.kind != "lora"]
+        adapters = chain[full[-1] + 1:] if full else chain
+        if full:
+            base = Generator(base.cfg, chain[full[-1]].weights, base.tokenizer, dtype=self.dtype,
+                             eos_token_ids=base.eos_token_ids, chunk=self.chunk)
+        gen = base
+        if adapters:
+            weights, rank, alpha, _ = stacked_adapter(adapters, base.cfg)
+            gen = base.with_adapter(weights, alpha / rank if len(adapters) > 1 else adapters[0].scale)
         stages: list[StagePrompt] = []
         if info.get("data"):
             try:

@@ -360,3 +360,23 @@ def test_step_selects_the_checkpoint(sft, tmp_path):
         assert scale == 2.0
         for n in want:
             np.testing.assert_array_equal(np.asarray(got[n]["b"]), np.asarray(want[n]["b"]))
+
+
+def test_talk_pool_serves_a_dpo_run_over_its_sft_parent(sft, tmp_path):
+    """chat/serve/simulate --run on a DPO run apply base + SFT + DPO (one stacked adapter), as the export does."""
+    from persllm_jax.talk import ModelPool
+
+    _, model, run = sft
+    base = load_model(str(model))
+    dpo_ad = random_adapter(base.cfg, 2, targets=["q_proj", "v_proj", "down_proj"], seed=7, b_std=0.1)
+    dpo = write_run(tmp_path / "dpo", model, dpo_ad, alpha=6.0, step=4, parent=run, parent_step=3)
+    chain = E.load_chain(dpo)
+    prompts = [[5, 9, 13, 2, 7], [3, 4]]
+    merged = Generator(chain.base.cfg, E.merged_params(chain))
+    served, _ = ModelPool().run(dpo)
+    sft_only, _ = ModelPool().run(run)
+    for g in (merged, served, sft_only):
+        g.eos_token_ids = ()
+    greedy = lambda g: [c.token_ids for c in g.generate_ids(prompts, SamplingParams(max_new_tokens=12))]  # noqa: E731
+    assert greedy(served) == greedy(merged)
+    assert greedy(sft_only) != greedy(merged)  # the DPO adapter matters
