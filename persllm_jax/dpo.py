@@ -498,10 +498,7 @@ def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, dev
     log(f"data: {stats.pairs} pairs from {path}, {stats.truncated} truncated to max_length={cfg.max_length}, "
         f"{stats.dropped} dropped, {stats.tokens} tokens ({stats.completion_tokens} completion)")
 
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % dp:
-        raise shd.MeshError(f"batch_size ({cfg.batch_size}) must divide by mesh data*fsdp ({dp})")
+    mesh = shd.make_train_mesh(cfg.mesh, devices, cfg.batch_size)
     K, S = budgets(pairs, cfg.max_length, cfg.packing)
     rows_of_epoch = lambda e: epoch_rows(pairs, cfg.max_length, K, S, cfg.seed, e, cfg.shuffle, cfg.packing)  # noqa
     rows_per_step = cfg.batch_size * cfg.grad_accum

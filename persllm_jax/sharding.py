@@ -70,6 +70,15 @@ def make_mesh(sizes: dict[str, int] | object, devices=None) -> Mesh:
     return Mesh(arr, AXES)
 
 
+
+def make_train_mesh(mesh_cfg, devices, batch_size: int) -> Mesh:
+    """The trainers' mesh; the global batch must split evenly over its data-parallel axes (data x fsdp)."""
+    mesh = make_mesh(mesh_cfg, devices)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % dp:
+        raise MeshError(f"batch_size ({batch_size}) must divide by mesh data*fsdp ({dp})")
+    return mesh
+
 def path_str(path) -> str:
     parts = []
     for k in path:

@@ -222,10 +222,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
     log(f"data: {stats.conversations} conversations from {path}, {stats.truncated} truncated to max_length="
         f"{cfg.max_length}, {stats.dropped} dropped (no trained token left), {stats.trained_tokens} trained tokens")
 
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % dp:
-        raise shd.MeshError(f"batch_size ({cfg.batch_size}) must divide by mesh data*fsdp ({dp})")
+    mesh = shd.make_train_mesh(cfg.mesh, devices, cfg.batch_size)
     rows_per_step = cfg.batch_size * cfg.grad_accum
     epoch0 = data_mod.epoch_rows(examples, cfg.max_length, cfg.seed, 0, cfg.shuffle, cfg.packing)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(epoch0["tokens"]) / rows_per_step))
