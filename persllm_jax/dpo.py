@@ -40,7 +40,7 @@ import optax
 from . import distributed, lora as lora_mod, sharding as shd, train as T
 from .config import ModelConfig
 from .data import DataError, check_messages, read_jsonl
-from .model import _layer, linear_shapes, logits_from_hidden, rms_norm, rope_cos_sin
+from .model import ATTN_BLOCK, _layer, linear_shapes, logits_from_hidden, rms_norm, rope_cos_sin
 from .train_config import DPOConfig
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch")
@@ -277,7 +277,8 @@ def pair_hidden(params, mcfg: ModelConfig, batch: dict, *, lora=None, lora_scale
 
     def body(h, xs):
         layer, lora_layer = xs
-        return shd.constrain_batch(_layer(mcfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn)), None
+        return shd.constrain_batch(_layer(mcfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn,
+                                          ATTN_BLOCK)), None  # the mask is causal by slot: blocks are exact
 
     if remat:
         body = jax.checkpoint(body)
