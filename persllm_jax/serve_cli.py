@@ -122,6 +122,8 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
 
     try:
         run_server(build_app(state, routes), sock, on_ready=ready)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is a normal stop
+        click.echo("persllm serve: stopped", err=True)
     finally:
         state.scheduler.close()
 

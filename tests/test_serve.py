@@ -233,3 +233,19 @@ def test_eval_judge_against_server(served, tmp_path, monkeypatch):
     direct = served["client"].chat.completions.create(model="darwin", temperature=0, max_tokens=8, seed=0, messages=[
         {"role": "user", "content": "Score this answer from 0 to 5."}]).choices[0].message.content
     assert replies["q1"] == direct
+
+
+def test_ctrl_c_stops_the_server_cleanly(persona_models):
+    """Ctrl-C (SIGINT) is how a user stops `persllm serve`: a graceful stop with exit status 0, not a traceback."""
+    import signal
+
+    server = ServeProcess("--model", str(persona_models["model"]))
+    with server as url:
+        assert _raw(url, "/health", key=None)[0] == 200
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 0
+        deadline = time.time() + 10
+        while "persllm serve: stopped" not in "".join(server.lines) and time.time() < deadline:
+            time.sleep(0.1)
+    out = "".join(server.lines)
+    assert "persllm serve: stopped" in out and "Traceback" not in out and "Aborted" not in out
