@@ -619,10 +619,44 @@ def summary_table(rows: list[dict], out: Path) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths] + ["-" * 7])] + [fmt(r) for r in body])
 
 
+def preflight(cfg: dict, out: str | Path) -> list[str]:
+    """What the run needs from outside the config (model weights, the general data, an API key), checked before
+    the first stage and reported together, so a paper-scale run does not stop at the first gap hours in."""
+    import os
+
+    from .weights import WeightsError, resolve_model_path
+
+    problems = []
+    if not Path(cfg["personas"]).is_dir():
+        problems.append(f"personas: {cfg['personas']} is not a folder")
+    models = [("model", cfg["model"])]
+    if str(cfg["data"]["annotator"]).startswith("local:"):
+        models.append(("data.annotator", cfg["data"]["annotator"][len("local:"):]))
+    for key, spec in models:
+        try:
+            resolve_model_path(spec)
+        except WeightsError as e:
+            problems.append(f"{key}: {e}")
+    data_done = (Path(out) / "stages" / "data.json").is_file()
+    general = data_config(cfg)["mix"].get("general")
+    if general and not data_done and not Path(general).exists():
+        problems.append(f"data.config.mix.general: {general}: no such file (the general instruction data you provide)")
+    remote = [("data.annotator", cfg["data"]["annotator"], cfg["data"].get("base_url"), not data_done)]
+    if cfg["eval"].get("enabled", True):
+        remote.append(("eval.judge", cfg["eval"].get("judge"), cfg["eval"].get("base_url"), True))
+    for key, backend, base_url, needed in remote:
+        if (needed and str(backend or "").startswith("openai:") and not os.environ.get("OPENAI_API_KEY")
+                and not (base_url or os.environ.get("OPENAI_BASE_URL"))):
+            problems.append(f"{key}: {backend} needs OPENAI_API_KEY in the environment (or {key.split('.')[0]}.base_url "
+                            f"for your own OpenAI-compatible server)")
+    return problems
+
+
 def reproduce(config: str | Path | None, out: str | Path, sets=(), progress: bool = True, log=None) -> list[dict]:
     cfg = load(config, sets)
-    if not Path(cfg["personas"]).is_dir():
-        raise ReproduceError(f"personas: {cfg['personas']} is not a folder")
+    problems = preflight(cfg, out)
+    if problems:
+        raise ReproduceError(f"{len(problems)} thing(s) missing before the run can start: " + "; ".join(problems))
     return Pipeline(cfg, out, progress=progress, log=log).run()
 
 

@@ -160,6 +160,27 @@ def test_bad_config_fails_before_running(tmp_path):
     assert res.exit_code != 0 and "unknown key(s) ['nonsense']" in res.output
 
 
+def test_missing_prerequisites_are_reported_together_before_running(tmp_path, monkeypatch):
+    """A paper recipe on a machine without its model, general data or API key: one error naming all of them."""
+    from persllm_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    res = CliRunner().invoke(main, ["reproduce", str(REPO / "configs" / "paper_3b_gpu8.yaml"), "--out", "o"])
+    assert res.exit_code != 0 and "4 thing(s) missing" in res.output
+    for what in ("model 'models/Llama-3.2-3B-Instruct'", "general/ultrachat.jsonl", "data.annotator: openai:",
+                 "eval.judge: openai:"):
+        assert what in res.output
+    assert not (tmp_path / "o").exists()
+    # given the model and the data, and a server of one's own for both endpoints, nothing is missing
+    (tmp_path / "general").mkdir()
+    (tmp_path / "general" / "ultrachat.jsonl").write_text("")
+    cfg = R.load(REPO / "configs" / "paper_3b_gpu8.yaml",
+                 ["model=smollm2", "data.base_url=http://127.0.0.1:9/v1", "eval.base_url=http://127.0.0.1:9/v1"])
+    assert R.preflight(cfg, tmp_path / "o") == []
+
+
 def test_stage_keys_follow_settings_and_materials(tmp_path):
     """Edited persona materials change the data key and so every key downstream; bookkeeping keys do not."""
     shutil.copytree(REPO / "data_gen" / "personas" / "ada_lovelace", tmp_path / "p" / "ada_lovelace")
