@@ -122,10 +122,11 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
 
     try:
         run_server(build_app(state, routes), sock, on_ready=ready)
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: that is a normal stop
-        click.echo("persllm serve: stopped", err=True)
+    except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl-C, then re-raises it (unless SIGINT was ignored)
+        pass
     finally:
         state.scheduler.close()
+    click.echo("persllm serve: stopped", err=True)
 
 
 @click.command()
