@@ -7,6 +7,7 @@ cache key, the cache entries, the identity written to the manifest, or any error
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import dataclasses
@@ -76,7 +77,7 @@ class ResponseCache:
         atomic_write_text(self._path(self.key(req)), json.dumps(entry, ensure_ascii=False))
 
 
-class Backend:
+class Backend(abc.ABC):
     identity: dict
     cache: ResponseCache
 
@@ -103,8 +104,9 @@ class Backend:
                 queue.extend(on_result(r, Result(text, cached=True)) or ())
         return todo
 
+    @abc.abstractmethod
     def _run(self, requests: list[Request], on_result: OnResult) -> None:
-        raise NotImplementedError
+        """Answer the uncached requests (each backend's own transport)."""
 
     def close(self) -> None:
         pass
