@@ -8,9 +8,9 @@ import dataclasses
 import hashlib
 import random
 
-from .backends import Request, Result
-from .jsonl import Appender, read_jsonl
-from .prompts import parse_input, parse_response
+from data_gen.backends import Request, Result
+from data_gen.jsonl import Appender, read_jsonl
+from data_gen.prompts import parse_input, parse_response
 
 TYPES = ("ordinary", "thought", "error")
 FAILED = "annotator_failed"

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import DataGenError
-from .jsonl import atomic_write_text
+from data_gen.errors import DataGenError
+from data_gen.jsonl import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +244,7 @@ class LocalBackend(Backend):
         self.gen = None
 
     def _run(self, requests, on_result):
-        from persllm_jax.generate import Generator, SamplingParams
+        from persllm_jax.serve.engine import Generator, SamplingParams
 
         if self.gen is None:
             t = time.perf_counter()

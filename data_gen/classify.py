@@ -7,10 +7,10 @@ import dataclasses
 import re
 from collections import Counter
 
-from .annotate import Step, run_steps, stable_seed
-from .backends import Request
-from .errors import DataGenError
-from .materials import KINDS, UNSORTED
+from data_gen.annotate import Step, run_steps, stable_seed
+from data_gen.backends import Request
+from data_gen.errors import DataGenError
+from data_gen.materials import KINDS, UNSORTED
 
 _WORD = re.compile(r"\b(objective|subjective)\b", re.IGNORECASE)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import DataGenError, read_yaml
+from data_gen.errors import DataGenError, read_yaml
 
 DEFAULTS: dict = {
     "seed": 0,

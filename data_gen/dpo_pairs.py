@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-from .prompts import format_cot
-from .retrieval import similarity
-from .split import dedup_method
+from data_gen.prompts import format_cot
+from data_gen.retrieval import similarity
+from data_gen.split import dedup_method
 
 
 def _pair(ctx, row: dict, source: str, rejected_text: str, suffix: str) -> dict:

@@ -12,7 +12,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from .errors import DataGenError, read_yaml
+from data_gen.errors import DataGenError, read_yaml
 
 KINDS = ("objective", "subjective")
 UNSORTED = "unsorted"  # a stage folder of unsorted materials, sorted by the annotator (data_gen.classify)

@@ -11,8 +11,8 @@ import json
 import random
 from pathlib import Path
 
-from .annotate import stable_seed
-from .errors import DataGenError
+from data_gen.annotate import stable_seed
+from data_gen.errors import DataGenError
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -17,15 +17,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import annotate, dpo_pairs, mixing, split
-from .classify import classify_unsorted
-from .backends import make_backend
-from .config import fingerprint
-from .errors import DataGenError
-from .jsonl import atomic_write_text, write_jsonl
-from .materials import chunk_persona, load_personas
-from .prompts import Templates, format_cot
-from .retrieval import Index
+from data_gen import annotate, dpo_pairs, mixing, split
+from data_gen.classify import classify_unsorted
+from data_gen.backends import make_backend
+from data_gen.config import fingerprint
+from data_gen.errors import DataGenError
+from data_gen.jsonl import atomic_write_text, write_jsonl
+from data_gen.materials import chunk_persona, load_personas
+from data_gen.prompts import Templates, format_cot
+from data_gen.retrieval import Index
 
 
 class _NoBar:
@@ -64,7 +64,7 @@ class Ctx:
             if self.cfg["retrieval"]["method"] == "dense":  # paragraph embeddings cached in work/emb/
                 import numpy as np
 
-                from .retrieval import Embedder
+                from data_gen.retrieval import Embedder
 
                 tag = hashlib.sha256(json.dumps([self.cfg["retrieval"]["model"], texts]).encode()).hexdigest()[:16]
                 path = self.work / "emb" / f"{'__'.join(k)}.{tag}.npy"

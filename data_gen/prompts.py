@@ -13,8 +13,8 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
-from .errors import DataGenError
-from .materials import count_words
+from data_gen.errors import DataGenError
+from data_gen.materials import count_words
 
 SHIPPED = Path(__file__).parent / "templates"
 NAMES = ("input_ordinary.j2", "input_thought.j2", "input_error.j2", "input_user.j2", "response_system.j2",

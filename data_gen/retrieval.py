@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataGenError
-from .materials import count_words
+from data_gen.errors import DataGenError
+from data_gen.materials import count_words
 
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+", re.UNICODE)
 

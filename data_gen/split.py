@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from .annotate import stable_seed
-from .retrieval import similarity
+from data_gen.annotate import stable_seed
+from data_gen.retrieval import similarity
 
 
 def dedup_method(cfg: dict) -> str:

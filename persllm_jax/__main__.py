@@ -1,3 +1,3 @@
-from .cli import main
+from persllm_jax.cli import main
 
 main(prog_name="persllm")

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax import checkpoint
-from persllm_jax import lora as L
-from persllm_jax.model import linear_shapes
-from persllm_jax.weights import load_model
+from persllm_jax.train import checkpoint
+from persllm_jax.model import lora as L
+from persllm_jax.model.decoder import linear_shapes
+from persllm_jax.model.weights import load_model
 
 
 def random_adapter(mcfg, rank: int, targets=("all-linear",), seed: int = 0, b_std: float = 0.05) -> dict:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_model(path, seed: int = 0) -> Path:
-    from persllm_jax.weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
     from tiny import save_tiny
 
     path = Path(path)
@@ -47,9 +47,9 @@ def write_corpus(root, persona: str = "ada_lovelace", stages: dict = STAGES) -> 
 
 def make_run(run_dir, model_dir, seed: int, corpus: Path | None = None, rank: int = 4, alpha: float = 8.0) -> Path:
     """A run directory with a random (non-zero) LoRA adapter, as `persllm train sft` leaves it."""
-    from persllm_jax import checkpoint
-    from persllm_jax import lora as lora_mod
-    from persllm_jax.weights import load_model
+    from persllm_jax.train import checkpoint
+    from persllm_jax.model import lora as lora_mod
+    from persllm_jax.model.weights import load_model
 
     run_dir = Path(run_dir)
     loaded = load_model(str(model_dir))

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 
-from persllm_jax.chat import ChatSession
-from persllm_jax.generate import Completion, SamplingParams
-from persllm_jax.talk import DeltaText, StagePrompt, ThoughtFilter, split_thoughts
+from persllm_jax.serve.chat import ChatSession
+from persllm_jax.serve.engine import Completion, SamplingParams
+from persllm_jax.serve.personas import DeltaText, StagePrompt, ThoughtFilter, split_thoughts
 from talk_fixtures import ROOT, STAGES, env, persona_models  # noqa: F401 (fixture)
 
 COT = "[Analysis] She would recall the engine. [Response] The Engine weaves algebra."
@@ -113,7 +113,7 @@ def _read_until(fd, needle, timeout=120, buf=None):
 def test_chat_in_a_pseudo_terminal(persona_models):
     run = persona_models["ada"]
     # the answer the chat should print: greedy, the run's adapter, the late stage's system prompt
-    from persllm_jax.talk import ModelPool
+    from persllm_jax.serve.personas import ModelPool
 
     gen, stages = ModelPool().run(run)
     session = ChatSession(gen, stages, SamplingParams(max_new_tokens=12))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from persllm_jax import reproduce as R
+from persllm_jax.pipeline import stages as R
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "data_gen" / "configs").glob("*.yaml"))
@@ -42,7 +42,7 @@ def load_any(path: Path):
         from persllm_jax.eval.evaluate import load_config
 
         return load_config(str(path))
-    from persllm_jax.train_config import TrainConfig, load_config
+    from persllm_jax.train.config import TrainConfig, load_config
 
     if kind == "dpo":
         cls = R.dpo_config_class()
@@ -65,7 +65,7 @@ def test_config_loads(path):
 
 def test_a_broken_config_does_not_load(tmp_path):
     """The loaders above reject bad keys (so the test above can fail)."""
-    from persllm_jax.train_config import ConfigError, TrainConfig, load_config
+    from persllm_jax.train.config import ConfigError, TrainConfig, load_config
 
     bad = tmp_path / "paper_bad.yaml"
     bad.write_text(f"include: {REPO / 'configs' / 'paper_common.yaml'}\nsft: {{learning_rat: 1}}\n")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from chat_fixtures import write_corpus
-from persllm_jax import data as D
-from persllm_jax.weights import load_tokenizer
+from persllm_jax.train import data as D
+from persllm_jax.model.weights import load_tokenizer
 
 CONV = [
     {"role": "system", "content": "You are Hermione Granger."},

@@ -12,10 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 from chat_fixtures import WORDS, tiny_model_dir, write_corpus
-from persllm_jax import dpo as D, lora as L, sharding as shd, train as T
+from persllm_jax.train import dpo as D
+from persllm_jax.model import lora as L
+from persllm_jax.train import sharding as shd
+from persllm_jax.train import sft as T
 from persllm_jax.cli import main
-from persllm_jax.train_config import ConfigError, DPOConfig, load_config
-from persllm_jax.weights import load_model, load_tokenizer
+from persllm_jax.train.config import ConfigError, DPOConfig, load_config
+from persllm_jax.model.weights import load_model, load_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -304,7 +307,8 @@ def test_sft_then_dpo_run_exports_merged(tiny, tmp_path):
     import transformers
 
     from export_runs import hf_logits
-    from persllm_jax import checkpoint, export as E
+    from persllm_jax.train import checkpoint
+    from persllm_jax.export import driver as E
 
     model, corpus, loaded, tok = tiny
     sft_corpus = write_corpus(tmp_path / "sft_corpus", n=6, seed=3)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from chat_fixtures import tiny_model_dir, write_corpus
-from persllm_jax import checkpoint
+from persllm_jax.train import checkpoint
 from test_dpo import write_pairs
 from test_train_resume import _train
 

@@ -117,7 +117,7 @@ def write_test_corpus(root, personas=("ada_lovelace", "charles_darwin")):
 def test_eval_command_end_to_end(tmp_path, judge_server, monkeypatch):
     from export_runs import random_adapter, write_run
     from persllm_jax.cli import main
-    from persllm_jax.weights import load_model
+    from persllm_jax.model.weights import load_model
     from talk_fixtures import make_model, make_run
 
     fake, url = judge_server
@@ -190,10 +190,10 @@ def test_option_logprobs_match_an_unpadded_forward(tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    from persllm_jax import model as M
+    from persllm_jax.model import decoder as M
     from persllm_jax.eval.runner import option_logprobs_fn, option_token_ids
-    from persllm_jax.generate import Generator
-    from persllm_jax.weights import load_model
+    from persllm_jax.serve.engine import Generator
+    from persllm_jax.model.weights import load_model
     from talk_fixtures import make_model
 
     path = make_model(tmp_path / "m", seed=3)

@@ -12,10 +12,10 @@ from chat_fixtures import tiny_model_dir, write_corpus
 from click.testing import CliRunner
 from export_runs import hf_logits, max_diff, random_adapter, write_run
 
-from persllm_jax import export as E
+from persllm_jax.export import driver as E
 from persllm_jax.cli import main
-from persllm_jax.generate import Generator, SamplingParams
-from persllm_jax.weights import load_model, load_tokenizer
+from persllm_jax.serve.engine import Generator, SamplingParams
+from persllm_jax.model.weights import load_model, load_tokenizer
 
 ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "smollm2")
 TOL = 1e-4
@@ -67,8 +67,8 @@ def _greedy_hf(model, prompts, n=10):
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
     """A real short SFT run (trainer API, 3 steps) on a tiny Llama with a chat tokenizer."""
-    from persllm_jax import train as T
-    from persllm_jax.train_config import load_config
+    from persllm_jax.train import sft as T
+    from persllm_jax.train.config import load_config
 
     root = tmp_path_factory.mktemp("sft")
     model = tiny_model_dir(root / "model")
@@ -345,7 +345,7 @@ def test_gguf_base_exports_as_a_normal_hf_directory(tmp_path):
 
 
 def test_step_selects_the_checkpoint(sft, tmp_path):
-    from persllm_jax.peft_export import read_adapter
+    from persllm_jax.export.peft import read_adapter
 
     _, model, _ = sft
     cfg = load_model(str(model)).cfg
@@ -364,7 +364,7 @@ def test_step_selects_the_checkpoint(sft, tmp_path):
 
 def test_talk_pool_serves_a_dpo_run_over_its_sft_parent(sft, tmp_path):
     """chat/serve/simulate --run on a DPO run apply base + SFT + DPO (one stacked adapter), as the export does."""
-    from persllm_jax.talk import ModelPool
+    from persllm_jax.serve.personas import ModelPool
 
     _, model, run = sft
     base = load_model(str(model))

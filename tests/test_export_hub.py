@@ -8,7 +8,7 @@ from export_runs import random_adapter, write_run
 from fake_hub import FakeHub
 
 from persllm_jax.cli import main
-from persllm_jax.weights import load_model
+from persllm_jax.model.weights import load_model
 
 TOKEN = "hf_FAKEtoken0123456789secretXYZ"
 

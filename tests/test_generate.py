@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from persllm_jax import generate as G
-from persllm_jax.generate import Generator, SamplingParams
-from persllm_jax.weights import load_model
+from persllm_jax.serve import engine as G
+from persllm_jax.serve.engine import Generator, SamplingParams
+from persllm_jax.model.weights import load_model
 from tiny import ARCHS, save_tiny
 
 
@@ -126,7 +126,7 @@ def test_adapter_changes_output_and_shares_base(tmp_path):
     assert [c.token_ids for c in tuned.generate_ids(prompts, sp)] != [c.token_ids for c in base.generate_ids(prompts, sp)]
     # The adapter's cached decoding equals a full forward pass with the same adapter.
     import jax.numpy as jnp
-    from persllm_jax import model as M
+    from persllm_jax.model import decoder as M
 
     out = tuned.generate_ids(prompts[:1], SamplingParams(max_new_tokens=6))[0].token_ids
     seq = jnp.asarray([prompts[0] + out])

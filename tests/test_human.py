@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from persllm_jax.eval import human
-from persllm_jax.web.rate import RateStore
+from persllm_jax.serve.web.rate import RateStore
 
 WIN = {"first": "W", "second": "L", "tie": "T"}
 

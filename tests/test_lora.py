@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from persllm_jax import lora as L
-from persllm_jax.model import LINEAR_NAMES, forward
-from persllm_jax.weights import load_model
+from persllm_jax.model import lora as L
+from persllm_jax.model.decoder import LINEAR_NAMES, forward
+from persllm_jax.model.weights import load_model
 from tiny import save_tiny
 
 

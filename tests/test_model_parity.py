@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from persllm_jax import model as M
-from persllm_jax.weights import load_model
+from persllm_jax.model import decoder as M
+from persllm_jax.model.weights import load_model
 from tiny import ARCHS, save_tiny
 
 

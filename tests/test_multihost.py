@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from chat_fixtures import WORDS, tiny_model_dir, write_corpus
-from persllm_jax import checkpoint, train as T
+from persllm_jax.train import checkpoint
+from persllm_jax.train import sft as T
 
-HAVE_DPO = importlib.util.find_spec("persllm_jax.dpo") is not None
+HAVE_DPO = importlib.util.find_spec("persllm_jax.train.dpo") is not None
 
 SFT_SETS = ["steps=3", "max_length=64", "batch_size=8", "learning_rate=1e-3", "warmup_steps=0", "log_every=1",
             "lora.rank=8", "lora.alpha=16", "lora.dropout=0.1", "shuffle=true", "seed=3", "peak_tflops=0.15",
@@ -36,7 +37,7 @@ DPO_SETS = ["steps=3", "max_length=96", "batch_size=4", "learning_rate=1e-2", "w
 WORKER = r"""
 import json, sys
 from persllm_jax import sharding as shd, train as T
-from persllm_jax.train_config import load_config
+from persllm_jax.train.config import load_config
 model, corpus, out, port, pid, sft_sets, dpo_sets = sys.argv[1:8]
 dist = ["distributed=true", f"coordinator_address=127.0.0.1:{port}", "num_processes=2", f"process_id={pid}"]
 log = lambda s: print(f"[{pid}] {s}", flush=True)
@@ -48,7 +49,7 @@ log(f"processes={jax.process_count()} devices={jax.device_count()} local={jax.lo
     f"rows={shd.process_rows(shd.batch_sharding(res['mesh']), cfg.batch_size)}")
 if dpo_sets != "null":
     from persllm_jax import dpo
-    from persllm_jax.train_config import DPOConfig
+    from persllm_jax.train.config import DPOConfig
     dcfg = load_config(DPOConfig, overrides=json.loads(dpo_sets) + dist, base=base)
     res = dpo.run(dcfg, f"{out}/dpo", progress=False, log=log)
     log(f"dpo rows={shd.process_rows(shd.batch_sharding(res['mesh']), dcfg.batch_size)}")
@@ -95,8 +96,8 @@ def runs(tmp_path_factory):
                                str(i), json.dumps(SFT_SETS), dpo_sets], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
-        from persllm_jax.train_config import load_config
-        from persllm_jax.weights import load_model, load_tokenizer
+        from persllm_jax.train.config import load_config
+        from persllm_jax.model.weights import load_model, load_tokenizer
 
         loaded, tok = load_model(str(model)), load_tokenizer(str(model))
         quiet = lambda s: None  # noqa: E731
@@ -105,8 +106,8 @@ def runs(tmp_path_factory):
         ref = {"sft": T.run(load_config(overrides=SFT_SETS, base=base), one / "sft", loaded=loaded, tokenizer=tok,
                             progress=False, log=quiet)}
         if HAVE_DPO:
-            from persllm_jax import dpo
-            from persllm_jax.train_config import DPOConfig
+            from persllm_jax.train import dpo
+            from persllm_jax.train.config import DPOConfig
 
             ref["dpo"] = dpo.run(load_config(DPOConfig, overrides=DPO_SETS, base=base), one / "dpo", loaded=loaded,
                                  tokenizer=tok, progress=False, log=quiet)
@@ -145,7 +146,7 @@ def test_two_processes_sft_equals_one_process(runs):
     assert json.loads((two / "sft" / "run.json").read_text())["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-@pytest.mark.skipif(not HAVE_DPO, reason="persllm_jax.dpo (issue 4) not in this build")
+@pytest.mark.skipif(not HAVE_DPO, reason="persllm_jax.train.dpo (issue 4) not in this build")
 def test_two_processes_dpo_equals_one_process(runs):
     two, one, ref, logs = runs
     # tensor axis across the processes: the batch is replicated, both processes hold all rows
@@ -155,8 +156,8 @@ def test_two_processes_dpo_equals_one_process(runs):
 
 
 def test_init_arguments_from_config_then_environment(monkeypatch):
-    from persllm_jax import distributed
-    from persllm_jax.train_config import load_config
+    from persllm_jax.train import distributed
+    from persllm_jax.train.config import load_config
 
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
                 "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "KUBERNETES_SERVICE_HOST", "OMPI_MCA_orte_hnp_uri",

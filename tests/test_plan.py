@@ -11,9 +11,10 @@ import jax
 import pytest
 from click.testing import CliRunner
 
-from persllm_jax import plan as PL, train as T
+from persllm_jax.train import plan as PL
+from persllm_jax.train import sft as T
 from persllm_jax.cli import main
-from persllm_jax.train_config import load_config
+from persllm_jax.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 GiB = 1024 ** 3
@@ -70,8 +71,8 @@ def test_plan_accounts_what_training_allocates(tmp_path):
     cfg = load_config(overrides=["max_length=32", "batch_size=8", "lora.rank=4", "mesh.data=2", "mesh.fsdp=4"],
                       base={"model": str(tmp_path / "config.json")})
     planned = PL.static_bytes(PL.abstract_step(cfg, 8))
-    from persllm_jax import sharding as shd
-    from persllm_jax.model import init_params
+    from persllm_jax.train import sharding as shd
+    from persllm_jax.model.decoder import init_params
 
     mcfg = PL.model_config(cfg.model)
     opt, _ = T.make_optimizer(cfg, 1000)

@@ -195,7 +195,7 @@ def test_killed_server_keeps_every_acknowledged_judgement(rated):
     missing = set(acked) - stored
     assert not missing, sorted(missing)[:5]
     # items shown before the kill can still be judged once the database is opened again (a restarted server)
-    from persllm_jax.web.rate import RateStore
+    from persllm_jax.serve.web.rate import RateStore
 
     open_items = rows(db, "SELECT a.assignment_id, a.rater_id FROM assignments a LEFT JOIN judgements j "
                           "ON a.assignment_id = j.assignment_id WHERE j.judgement_id IS NULL AND a.rater_id LIKE 'kill%'")
@@ -210,7 +210,7 @@ def test_killed_server_keeps_every_acknowledged_judgement(rated):
 
 
 def test_load_prompts_corpus_and_jsonl(tmp_path):
-    from persllm_jax.web.rate import RateError, load_prompts
+    from persllm_jax.serve.web.rate import RateError, load_prompts
 
     corpus = tmp_path / "corpus"
     (corpus / "sft").mkdir(parents=True)
@@ -234,7 +234,7 @@ def test_load_prompts_corpus_and_jsonl(tmp_path):
 
 
 def test_pick_item_random_pairs_orders_and_overlap():
-    from persllm_jax.web.rate import Prompt, pick_item
+    from persllm_jax.serve.web.rate import Prompt, pick_item
 
     prompts = [Prompt(f"p{i}", ({"role": "user", "content": str(i)},)) for i in range(5)]
     models = ["a", "b", "c"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from persllm_jax import reproduce as R
+from persllm_jax.pipeline import stages as R
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_DPO = R.dpo_config_class() is not None

@@ -72,7 +72,7 @@ def test_models_completion_and_stream(served):
     assert isinstance(text, str) and text and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # the server's greedy answer is the engine's greedy answer
-    from persllm_jax.generate import Generator, SamplingParams
+    from persllm_jax.serve.engine import Generator, SamplingParams
 
     (direct,) = Generator.load(str(served["model"])).chat([Q], SamplingParams(max_new_tokens=16))
     assert direct.text == text

@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from persllm_jax.cli import main
-from persllm_jax.simulate import Agent, agent_view
+from persllm_jax.serve.simulate import Agent, agent_view
 from talk_fixtures import STAGES, persona_models  # noqa: F401 (fixture)
 
 SCENE = "A dinner at Babbage's house in 1844; they discuss machines and nature."

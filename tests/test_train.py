@@ -12,10 +12,13 @@ from click.testing import CliRunner
 from jax.sharding import PartitionSpec as P
 
 from chat_fixtures import tiny_model_dir, write_corpus
-from persllm_jax import data as D, lora as L, sharding as shd, train as T
+from persllm_jax.train import data as D
+from persllm_jax.model import lora as L
+from persllm_jax.train import sharding as shd
+from persllm_jax.train import sft as T
 from persllm_jax.cli import main
-from persllm_jax.train_config import load_config
-from persllm_jax.weights import load_model, load_tokenizer
+from persllm_jax.train.config import load_config
+from persllm_jax.model.weights import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from chat_fixtures import tiny_model_dir, write_corpus
-from persllm_jax import checkpoint
+from persllm_jax.train import checkpoint
 
 RUN = "import sys; from persllm_jax.cli import main; sys.argv = ['persllm'] + sys.argv[1:]; main()"
 KILLER = """

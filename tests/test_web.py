@@ -67,9 +67,9 @@ def make_cot_model(src, dst, text=COT):
 
 @pytest.fixture(scope="module")
 def site(persona_models, tmp_path_factory):
-    from persllm_jax.serve import BackgroundServer, Persona, ServerState
-    from persllm_jax.talk import ModelPool, find_stage
-    from persllm_jax.web import RateConfig, web_routes
+    from persllm_jax.serve.app import BackgroundServer, Persona, ServerState
+    from persllm_jax.serve.personas import ModelPool, find_stage
+    from persllm_jax.serve.web import RateConfig, web_routes
 
     tmp = tmp_path_factory.mktemp("web")
     pool = ModelPool(chunk=4)
@@ -220,7 +220,7 @@ def test_chat_page_streams_an_answer(site, browser, tmp_path):
 
 def test_analysis_toggle_matches_python_split(site, browser):
     """The page's [Analysis]/[Response] split is talk.split_thoughts; toggling shows and hides the analysis."""
-    from persllm_jax.talk import split_thoughts
+    from persllm_jax.serve.personas import split_thoughts
 
     d = browser
     d.get(site["url"] + "/")
@@ -258,8 +258,8 @@ def test_analysis_toggle_matches_python_split(site, browser):
 
 def _expected_answers(client, prompt_row):
     """Each model's answer to a prompt as the API gives it with the rate page's sampling (seeded per item)."""
-    from persllm_jax.talk import split_thoughts
-    from persllm_jax.web.rate import answer_seed, load_prompts
+    from persllm_jax.serve.personas import split_thoughts
+    from persllm_jax.serve.web.rate import answer_seed, load_prompts
 
     out = {}
     for m in ("ada", "darwin", "base"):
@@ -272,7 +272,7 @@ def _expected_answers(client, prompt_row):
 
 
 def test_rate_page_records_judgements_with_the_right_models(site, browser, tmp_path):
-    from persllm_jax.web.rate import load_prompts
+    from persllm_jax.serve.web.rate import load_prompts
 
     d, url, client = browser, site["url"], site["client"]
     prompts = {p.messages[-1]["content"]: p for p in load_prompts(site["tmp"] / "prompts.jsonl")}
@@ -349,7 +349,7 @@ def test_pages_fit_a_phone_and_ship_their_assets(site, browser, tmp_path):
     finally:
         d.set_window_size(1280, 900)
     # every asset is served by us: no external URL in the pages, and the CSP forbids other origins
-    from persllm_jax.web import STATIC
+    from persllm_jax.serve.web import STATIC
 
     for f in STATIC.iterdir():
         text = f.read_text(encoding="utf-8")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from persllm_jax import model as M
-from persllm_jax.config import ModelConfigError
-from persllm_jax.weights import WeightsError, embedded_model_path, gguf_cache_dir, load_model, load_tokenizer
+from persllm_jax.model import decoder as M
+from persllm_jax.model.config import ModelConfigError
+from persllm_jax.model.weights import WeightsError, embedded_model_path, gguf_cache_dir, load_model, load_tokenizer
 from tiny import save_tiny
 
 

@@ -72,9 +72,9 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 def side_ours(args, tmp: Path) -> dict:
     import jax
 
-    from persllm_jax import dpo as D
-    from persllm_jax.train_config import DPOConfig, load_config
-    from persllm_jax.weights import load_model, load_tokenizer
+    from persllm_jax.train import dpo as D
+    from persllm_jax.train.config import DPOConfig, load_config
+    from persllm_jax.model.weights import load_model, load_tokenizer
 
     sets = ["epochs=1", f"batch_size={args.rows}", f"grad_accum={args.accum}", f"max_length={args.max_length}", "learning_rate=5e-5",
             "warmup_steps=0", "lora.rank=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all-linear",
@@ -101,7 +101,7 @@ def side_trl(args, tmp: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from bench_train import torch_model_from_ours
-    from persllm_jax.weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
 
     torch.manual_seed(0)
     rows = [json.loads(ln) for ln in (tmp / "corpus" / "dpo" / "train.jsonl").read_text().splitlines()]
@@ -176,7 +176,7 @@ def main():
     if args.side:
         return _child(args)
     if not args.peak:
-        from persllm_jax.train import measure_peak_flops
+        from persllm_jax.train.sft import measure_peak_flops
 
         args.peak = measure_peak_flops()
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as d:

@@ -35,8 +35,8 @@ def main():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from persllm_jax import export as E
-    from persllm_jax.weights import (
+    from persllm_jax.export import driver as E
+    from persllm_jax.model.weights import (
         embedded_model_path,
         gguf_cache_dir,
         load_model,

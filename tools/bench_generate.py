@@ -33,8 +33,8 @@ def make_ours(prompts_ids, batch, new_tokens, dtype):
     """A zero-argument run of our engine on the first `batch` prompts (compiled by a first call)."""
     import jax.numpy as jnp
 
-    from persllm_jax.generate import Generator, SamplingParams
-    from persllm_jax.weights import load_model
+    from persllm_jax.serve.engine import Generator, SamplingParams
+    from persllm_jax.model.weights import load_model
 
     loaded = load_model("smollm2")
     gen = Generator(loaded.cfg, loaded.params, dtype=getattr(jnp, dtype))
@@ -49,7 +49,7 @@ def make_transformers(prompts_ids, batch, new_tokens, pad_id):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from persllm_jax.weights import embedded_model_path
+    from persllm_jax.model.weights import embedded_model_path
 
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
@@ -91,7 +91,7 @@ def main(argv=None):
 
     import torch
 
-    from persllm_jax.weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
 
     tok = load_tokenizer("smollm2")
     prompts_ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -46,9 +46,9 @@ async def _round(url, model, clients, requests, max_tokens, prompts):
 
 def measure(gen, max_batch, clients, requests, max_tokens, chunk, prompts):
     """Throughput of one server setting; the server runs in a thread of this process."""
-    from persllm_jax.serve import BackgroundServer, Persona, ServerState
+    from persllm_jax.serve.app import BackgroundServer, Persona, ServerState
 
-    from persllm_jax.generate import SamplingParams
+    from persllm_jax.serve.engine import SamplingParams
 
     # warm-up: compile every batch bucket (powers of two up to max_batch) the timed round may meet
     b = 1
@@ -93,7 +93,7 @@ def main(argv=None):
 
     _enable_compilation_cache()  # compiled programs persist across runs (PERSLLM_CACHE)
 
-    from persllm_jax.generate import Generator
+    from persllm_jax.serve.engine import Generator
 
     gen = Generator.load(args.model, dtype=getattr(jnp, args.dtype), chunk=args.chunk)
     gen.eos_token_ids = ()  # every request decodes exactly max_tokens: equal work in both modes

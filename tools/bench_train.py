@@ -77,9 +77,9 @@ def make_conversations(tok, n: int, seed: int = 0, lo: int = 64, hi: int = 496):
 def run_ours(convs, args, tmp: Path):
     import jax
 
-    from persllm_jax import train as T
-    from persllm_jax.train_config import load_config
-    from persllm_jax.weights import load_model, load_tokenizer
+    from persllm_jax.train import sft as T
+    from persllm_jax.train.config import load_config
+    from persllm_jax.model.weights import load_model, load_tokenizer
 
     corpus = tmp / "corpus"
     (corpus / "sft").mkdir(parents=True, exist_ok=True)
@@ -102,8 +102,9 @@ def run_ours(convs, args, tmp: Path):
 
 
 def ours_fpt():
-    from persllm_jax import lora as L, train as T
-    from persllm_jax.weights import load_model
+    from persllm_jax.model import lora as L
+    from persllm_jax.train import sft as T
+    from persllm_jax.model.weights import load_model
 
     cfg = load_model("smollm2").cfg
     n_lora = cfg.num_layers * 16 * sum(i + o for i, o in T.linear_shapes(cfg).values())
@@ -116,7 +117,7 @@ def torch_model_from_ours(spec: str = "smollm2"):
     import torch
     import transformers
 
-    from persllm_jax.weights import load_model
+    from persllm_jax.model.weights import load_model
 
     loaded = load_model(spec)
     hf = dict(loaded.hf_config)
@@ -151,7 +152,7 @@ def run_trl(convs, args, tmp: Path):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from persllm_jax.weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
 
     torch.manual_seed(0)
     model = torch_model_from_ours()
@@ -196,7 +197,7 @@ def run_side(args) -> dict:
     """One side in this process (the parent runs each side in its own subprocess: memory is per side)."""
     import resource
 
-    from persllm_jax.weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
 
     convs = make_conversations(load_tokenizer("smollm2"), args.n)
     with tempfile.TemporaryDirectory() as d:
@@ -223,8 +224,8 @@ def main():
 
     import subprocess
 
-    from persllm_jax.train import measure_peak_flops
-    from persllm_jax.weights import load_tokenizer
+    from persllm_jax.train.sft import measure_peak_flops
+    from persllm_jax.model.weights import load_tokenizer
 
     args.peak = measure_peak_flops()
     tok = load_tokenizer("smollm2")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (dry run of this script)")
-    ap.add_argument("--shape", default="llama-1b", help="named model shape (persllm_jax.plan.SHAPES)")
+    ap.add_argument("--shape", default="llama-1b", help="named model shape (persllm_jax.train.plan.SHAPES)")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per row")
     ap.add_argument("--batch", type=int, default=2,
                     help="rows per step (persllm plan, llama-1b on h100-80g without remat: 2 x 2048 needs ~61 GiB, "
@@ -48,7 +48,7 @@ TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_siz
 
 
 def train_cfg(args, **over):
-    from persllm_jax.train_config import load_config
+    from persllm_jax.train.config import load_config
 
     sets = [f"batch_size={args.batch}", f"max_length={args.seq}", f"lora.rank={args.lora_rank}",
             f"lora.alpha={2 * args.lora_rank}", "learning_rate=1e-3", "warmup_steps=0", "mesh.data=1",
@@ -57,7 +57,7 @@ def train_cfg(args, **over):
 
 
 def dpo_cfg(args, **over):
-    from persllm_jax.train_config import DPOConfig, load_config
+    from persllm_jax.train.config import DPOConfig, load_config
 
     sets = [f"batch_size={args.batch}", f"max_length={args.seq}", f"lora.rank={args.lora_rank}",
             f"lora.alpha={2 * args.lora_rank}", "learning_rate=1e-3", "warmup_steps=0", "mesh.data=1",
@@ -85,7 +85,7 @@ def dpo_batch(rng, V: int, B: int, T: int):
     """Rows of packed random pairs (prompt T/8, chosen and rejected 3T/16 each: two pairs fill a row)."""
     import numpy as np
 
-    from persllm_jax import dpo
+    from persllm_jax.train import dpo
 
     p, c = T // 8, (3 * T) // 16
     pairs = [dpo.Pair(rng.integers(3, V, p, dtype=np.int32), rng.integers(3, V, c, dtype=np.int32),
@@ -126,7 +126,8 @@ def _sft_step(cfg, mcfg, params, batch, device, nudge: float = 0.0):
     """One SFT step on a 1-device mesh of `device`; returns (loss, trainable, metrics, jitted, state, frozen)."""
     import jax
 
-    from persllm_jax import sharding as shd, train as T
+    from persllm_jax.train import sharding as shd
+    from persllm_jax.train import sft as T
 
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
     opt, sched = T.make_optimizer(cfg, 100)
@@ -143,7 +144,9 @@ def _sft_step(cfg, mcfg, params, batch, device, nudge: float = 0.0):
 def _dpo_step(cfg, mcfg, params, batch, device, nudge: float = 0.0):
     import jax
 
-    from persllm_jax import dpo, sharding as shd, train as T
+    from persllm_jax.train import dpo
+    from persllm_jax.train import sharding as shd
+    from persllm_jax.train import sft as T
 
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
     opt, sched = T.make_optimizer(cfg, 100)
@@ -164,8 +167,8 @@ def parity(args, accel, cpu, have_dpo: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from persllm_jax.config import from_hf_dict
-    from persllm_jax.model import forward, init_params
+    from persllm_jax.model.config import from_hf_dict
+    from persllm_jax.model.decoder import forward, init_params
 
     mcfg = from_hf_dict(TINY, "tiny")
     params = jax.device_get(init_params(mcfg, jax.random.PRNGKey(1), jnp.float32, std=0.1))
@@ -214,10 +217,12 @@ def timing(args, accel, peak: float, have_dpo: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from persllm_jax import dpo, lora as lora_mod, train as T
-    from persllm_jax.config import from_hf_dict
-    from persllm_jax.model import init_params
-    from persllm_jax.plan import SHAPES
+    from persllm_jax.train import dpo
+    from persllm_jax.model import lora as lora_mod
+    from persllm_jax.train import sft as T
+    from persllm_jax.model.config import from_hf_dict
+    from persllm_jax.model.decoder import init_params
+    from persllm_jax.train.plan import SHAPES
 
     hf = TINY if args.cpu_smoke else SHAPES[args.shape]
     mcfg = from_hf_dict(hf, args.shape)
@@ -264,7 +269,7 @@ def main(argv=None) -> int:
     import jax
 
     try:
-        from persllm_jax import dpo  # noqa: F401
+        from persllm_jax.train import dpo
 
         have_dpo = not args.skip_dpo and hasattr(dpo, "make_dpo_step")
     except ImportError:
@@ -295,7 +300,7 @@ def main(argv=None) -> int:
                   f"MFU {100 * r['mfu']:.1f}% (compile {t[kind + '_compile_s']:.1f} s, loss {r['loss']:.3f})",
                   flush=True)
     if not have_dpo:
-        print("DPO: skipped (persllm_jax.dpo not available)" if not args.skip_dpo else "DPO: skipped", flush=True)
+        print("DPO: skipped (persllm_jax.train.dpo not available)" if not args.skip_dpo else "DPO: skipped", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     ok = res.get("parity", {}).get("ok", True)

@@ -16,7 +16,7 @@ from importlib import resources
 
 import numpy as np
 
-from . import EvalError
+from persllm_jax.eval import EvalError
 
 SCALE = "1 = very inaccurate, 2 = moderately inaccurate, 3 = neither accurate nor inaccurate, 4 = moderately accurate, 5 = very accurate"
 SCALE_REVERSED = "1 = very accurate, 2 = moderately accurate, 3 = neither accurate nor inaccurate, 4 = moderately inaccurate, 5 = very inaccurate"

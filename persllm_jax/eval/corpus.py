@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import EvalError
+from persllm_jax.eval import EvalError
 
 TYPES = ("ordinary", "thought", "error", "general")
 
 
 def response_part(text: str) -> str:
     """The `[Response]` part of a CoT answer (the whole text when it has no tag)."""
-    from ..talk import split_thoughts
+    from persllm_jax.serve.personas import split_thoughts
 
     return split_thoughts(text or "")[1].strip()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from . import EvalError
-from .corpus import load_test, persona_stages, question_of, read_manifest, reference_of
+from persllm_jax.eval import EvalError
+from persllm_jax.eval.corpus import load_test, persona_stages, question_of, read_manifest, reference_of
 
 DEFAULTS: dict = {
     "samples": 2,  # answers per test item (distinction needs >= 2 for the intra BLEU of a one-item stage)
@@ -63,7 +63,7 @@ def _log(msg: str) -> None:
 
 def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str | None = None, base_url: str | None = None,
              config: str | None = None, personas_dir: str | None = None, with_base: bool = True, log=_log) -> dict:
-    from . import anti_induction, bigfive, distinction, precision, report, runner, style
+    from persllm_jax.eval import anti_induction, bigfive, distinction, precision, report, runner, style
 
     t0 = time.perf_counter()
     cfg = load_config(config)
@@ -168,7 +168,7 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
 def _rescore_rules(system: dict, answers: Path) -> None:
     """Recompute the rule-based character-break rates from the saved answers, so that evaluations run with older
     rules compare on the current ones."""
-    from . import anti_induction
+    from persllm_jax.eval import anti_induction
 
     if not answers.is_file() or not system.get("anti_induction"):
         return
@@ -180,7 +180,7 @@ def _rescore_rules(system: dict, answers: Path) -> None:
 def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
     """One side-by-side report from several `persllm eval` outputs over the same corpus and settings (systems
     evaluated separately, e.g. on different machines or days)."""
-    from . import report
+    from persllm_jax.eval import report
 
     if not eval_dirs:
         raise EvalError("compare: give at least one EVAL_DIR")

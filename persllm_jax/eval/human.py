@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import EvalError
+from persllm_jax.eval import EvalError
 
 CRITERIA = ("fidelity", "knowledge", "style")
 NAMES = {"fidelity": "persona fidelity", "knowledge": "knowledge", "style": "style"}
@@ -177,7 +177,7 @@ def _f(v):
 
 def plot(h: dict, path: Path) -> None:
     """Win rates with intervals per pair and criterion, and Bradley-Terry strengths per model."""
-    from .report import _plt
+    from persllm_jax.eval.report import _plt
 
     plt = _plt()
     crits = list(h["win_rates"])
@@ -228,7 +228,7 @@ def run(db: str, out: str, n_boot: int = 2000, seed: int = 0) -> dict:
     _atomic_write(out_dir / "human.md", markdown(h))
     results = out_dir / "results.json"
     if results.is_file():
-        from . import report
+        from persllm_jax.eval import report
 
         res = json.loads(results.read_text(encoding="utf-8"))
         res["plots"] = report.write(res, out_dir)

@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from . import EvalError
+from persllm_jax.eval import EvalError
 
 CLASSIFY_PROMPT = """Given a question asked to {name} and {name}'s answer, decide what the question tests.
 

@@ -236,7 +236,7 @@ def write(results: dict, out: Path) -> list[str]:
         pngs.append("training_curves.png")
         md += ["\n## Training curves\n", "![training curves](training_curves.png)\n"]
 
-    from .human import section as human_section
+    from persllm_jax.eval.human import section as human_section
 
     human = human_section(out)  # written by `persllm eval human --out` into this directory
     if human:

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import EvalError
-from .corpus import prompt_of, response_part
+from persllm_jax.eval import EvalError
+from persllm_jax.eval.corpus import prompt_of, response_part
 
-PARENT_KEYS = ("parent_run", "from", "sft_run", "from_run")  # as persllm_jax.export reads them
+PARENT_KEYS = ("parent_run", "from", "sft_run", "from_run")  # as persllm_jax.export.driver reads them
 
 
 @dataclasses.dataclass
 class System:
     name: str
-    gen: object  # persllm_jax.generate.Generator
+    gen: object  # persllm_jax.serve.engine.Generator
     kind: str  # "base" | "run"
     source: str
     run_dir: str | None = None
@@ -56,7 +56,7 @@ def persona_system(base_msg: str, persona: str, stage: str, desc: dict[str, dict
 
 def load_systems(model: str | None, runs: list[str], names: list[str] | None = None, with_base: bool = True,
                  log=None) -> list[System]:
-    from ..talk import ModelPool, TalkError, read_run
+    from persllm_jax.serve.personas import ModelPool, TalkError, read_run
 
     log = log or (lambda m: print(m, file=sys.stderr))
     pool = ModelPool(log=log)
@@ -90,8 +90,8 @@ def load_systems(model: str | None, runs: list[str], names: list[str] | None = N
 
 def _chain_generator(run, pool, model):
     """A DPO (or other chained) run: parents merged into the base, the last stage's adapter on top."""
-    from ..export import ExportError, load_chain, merged_params
-    from ..generate import Generator
+    from persllm_jax.export.driver import ExportError, load_chain, merged_params
+    from persllm_jax.serve.engine import Generator
 
     try:
         chain = load_chain(run)
@@ -109,7 +109,7 @@ def _chain_generator(run, pool, model):
 def generate_answers(system: System, rows: list[dict], samples: int, sampling: dict, batch_size: int,
                      desc: dict | None = None, progress=None) -> list[dict]:
     """`samples` answers per test row (seeded: sample k uses seed + k, so reruns match)."""
-    from ..generate import SamplingParams
+    from persllm_jax.serve.engine import SamplingParams
 
     jobs = []
     for r in rows:
@@ -154,7 +154,7 @@ def option_logprobs_fn(gen, batch_size: int = 16, progress=None):
     import jax
     import jax.numpy as jnp
 
-    from ..generate import _prefill
+    from persllm_jax.serve.engine import _prefill
 
     opt = np.array(option_token_ids(gen.tokenizer))
 

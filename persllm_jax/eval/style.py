@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import EvalError
+from persllm_jax.eval import EvalError
 
 
 def persona_words(personas_dir: str | Path, persona: str) -> dict[str, list[str]]:

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from .rate import CRITERIA, RateConfig, RateError, RateStore, answer_seed, load_prompts, parse_judgement, pick_item
+from persllm_jax.serve.web.rate import CRITERIA, RateConfig, RateError, RateStore, answer_seed, load_prompts, parse_judgement, pick_item
 
 STATIC = Path(__file__).parent / "static"
 PAGE_HEADERS = {
@@ -51,8 +51,8 @@ def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from ..serve import Job, ParsedRequest, RequestError
-    from ..talk import split_thoughts, stage_name
+    from persllm_jax.serve.app import Job, ParsedRequest, RequestError
+    from persllm_jax.serve.personas import split_thoughts, stage_name
 
     stages = stages or {}
     rating = Rating(rate, list(state.personas)) if rate else None
@@ -130,7 +130,7 @@ def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None
         r = need_rating()
         body = await body_of(request)
         try:
-            from .rate import check_id
+            from persllm_jax.serve.web.rate import check_id
 
             rater = check_id((body or {}).get("rater_id") if isinstance(body, dict) else None, "rater_id")
         except RateError as e:

@@ -35,9 +35,9 @@ def generate(model_spec, prompt, system, raw, max_new_tokens, temperature, top_k
     """
     import jax.numpy as jnp
 
-    from .generate import Generator, SamplingParams
-    from .weights import WeightsError
-    from .config import ModelConfigError
+    from persllm_jax.serve.engine import Generator, SamplingParams
+    from persllm_jax.model.weights import WeightsError
+    from persllm_jax.model.config import ModelConfigError
 
     try:
         gen = Generator.load(model_spec, dtype=getattr(jnp, dtype))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import yaml
 
-from .train_config import ConfigError, TrainConfig, load_config
+from persllm_jax.train.config import ConfigError, TrainConfig, load_config
 
 
 @click.group()
@@ -46,17 +46,17 @@ def _fail(e: Exception):
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
 def sft(model, data, out, config_file, sets, resume, no_progress):
     """Supervised fine-tuning on CORPUS/sft/train.jsonl; loss on assistant tokens only."""
-    from .data import DataError
-    from .lora import LoraError
-    from .sharding import MeshError
-    from .weights import WeightsError
+    from persllm_jax.train.data import DataError
+    from persllm_jax.model.lora import LoraError
+    from persllm_jax.train.sharding import MeshError
+    from persllm_jax.model.weights import WeightsError
 
     run_dir = Path(out)
     try:
         cfg = resolve_config(TrainConfig, run_dir, config_file, sets, resume, {"model": model, "data": data})
         if not cfg.data:
             raise ConfigError("no training data: pass --data CORPUS_DIR or set `data` in the config")
-        from .train import run
+        from persllm_jax.train.sft import run
 
         summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
     except (ConfigError, DataError, LoraError, MeshError, WeightsError, FileNotFoundError) as e:
@@ -81,12 +81,12 @@ def sft(model, data, out, config_file, sets, resume, no_progress):
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
 def dpo(model, from_run, data, out, config_file, sets, resume, no_progress):
     """Direct preference optimisation on CORPUS/dpo/train.jsonl (prompt / chosen / rejected)."""
-    from .data import DataError
-    from .export import ExportError
-    from .lora import LoraError
-    from .sharding import MeshError
-    from .train_config import DPOConfig
-    from .weights import WeightsError
+    from persllm_jax.train.data import DataError
+    from persllm_jax.export.driver import ExportError
+    from persllm_jax.model.lora import LoraError
+    from persllm_jax.train.sharding import MeshError
+    from persllm_jax.train.config import DPOConfig
+    from persllm_jax.model.weights import WeightsError
 
     run_dir = Path(out)
     try:
@@ -94,7 +94,7 @@ def dpo(model, from_run, data, out, config_file, sets, resume, no_progress):
                              {"model": model, "data": data, "from_run": from_run})
         if not cfg.data:
             raise ConfigError("no preference data: pass --data CORPUS_DIR or set `data` in the config")
-        from .dpo import run
+        from persllm_jax.train.dpo import run
 
         summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
     except (ConfigError, DataError, ExportError, LoraError, MeshError, WeightsError, FileNotFoundError) as e:

@@ -37,9 +37,9 @@ def export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, repo_id, p
     An SFT->DPO run exports as one model: merged, both stages folded in; peft, one adapter on the original
     base whose rank is r_sft + r_dpo (the two updates stacked, scalings folded into B).
     """
-    from .export import ExportError
-    from .export import export as do_export
-    from .hub import HubError, check_repo_id, push, token_from_env, upload_plan
+    from persllm_jax.export.driver import ExportError
+    from persllm_jax.export.driver import export as do_export
+    from persllm_jax.export.hub import HubError, check_repo_id, push, token_from_env, upload_plan
 
     try:
         if (private or dry_run) and not repo_id:

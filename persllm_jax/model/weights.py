@@ -17,8 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError, from_hf_dict, load_hf_config
-from .model import LINEAR_NAMES, has_bias
+from persllm_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError, from_hf_dict, load_hf_config
+from persllm_jax.model.decoder import LINEAR_NAMES, has_bias
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

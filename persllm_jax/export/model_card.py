@@ -19,7 +19,7 @@ SETTINGS = ("steps", "epochs", "batch_size", "grad_accum", "learning_rate", "war
 
 def base_model_id(chain) -> str:
     """A hub id when the base is known to be one (the embedded SmolLM2), else the base's local path."""
-    from .weights import EMBEDDED_FILE
+    from persllm_jax.model.weights import EMBEDDED_FILE
 
     src = str(chain.base.source)
     if chain.base_spec == "smollm2" or src.endswith(EMBEDDED_FILE):

@@ -21,10 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint, data as data_mod, distributed, lora as lora_mod, sharding as shd
-from .config import ModelConfig
-from .model import hidden_states, linear_shapes, logits_from_hidden
-from .train_config import TrainConfig, save_config, to_dict
+from persllm_jax.train import checkpoint
+from persllm_jax.train import data as data_mod
+from persllm_jax.train import distributed
+from persllm_jax.model import lora as lora_mod
+from persllm_jax.train import sharding as shd
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.decoder import hidden_states, linear_shapes, logits_from_hidden
+from persllm_jax.train.config import TrainConfig, save_config, to_dict
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -209,7 +213,7 @@ def lora_info_of(cfg: TrainConfig) -> dict | None:
 def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
         log=print) -> dict:
     """Train per `cfg` into `run_dir` (resuming from its latest checkpoint). Returns a summary dict."""
-    from .weights import load_model, load_tokenizer
+    from persllm_jax.model.weights import load_model, load_tokenizer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,7 @@ def stage_name(x: StagePrompt, stages: list[StagePrompt]) -> str:
 
 def read_run(run_dir: str | Path) -> dict:
     """export.read_run (the one reader of run.json), with its errors as TalkError for the talk commands."""
-    from .export import ExportError, read_run as read_run_json
+    from persllm_jax.export.driver import ExportError, read_run as read_run_json
 
     try:
         return read_run_json(run_dir)
@@ -116,9 +116,9 @@ class ModelPool:
         self.bases: dict[str, tuple] = {}  # spec -> (Generator, hf_config)
 
     def base(self, spec: str | None):
-        from .config import ModelConfigError
-        from .generate import Generator
-        from .weights import WeightsError, load_model, load_tokenizer
+        from persllm_jax.model.config import ModelConfigError
+        from persllm_jax.serve.engine import Generator
+        from persllm_jax.model.weights import WeightsError, load_model, load_tokenizer
 
         key = spec or "smollm2"
         if key not in self.bases:
@@ -135,9 +135,9 @@ class ModelPool:
 
     def run(self, run_dir: str | Path, base_spec: str | None = None, step: int | None = None):
         """(Generator, stages) for a trained run: its adapter over `base_spec` (default: the run's model)."""
-        from .export import ExportError, load_stages
-        from .generate import Generator
-        from .peft_export import stacked_adapter
+        from persllm_jax.export.driver import ExportError, load_stages
+        from persllm_jax.serve.engine import Generator
+        from persllm_jax.export.peft import stacked_adapter
 
         info = read_run(run_dir)
         spec = base_spec or info.get("model")

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint
-from . import lora as lora_mod
-from .model import forward
-from .weights import (
+from persllm_jax.train import checkpoint
+from persllm_jax.model import lora as lora_mod
+from persllm_jax.model.decoder import forward
+from persllm_jax.model.weights import (
     HF_LAYER_NAMES,
     LoadedModel,
     _layer_leaves,
@@ -369,7 +369,7 @@ def generation_config(base: LoadedModel) -> dict:
 
 
 def save_tokenizer(spec: str, out_dir: Path):
-    from .weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
 
     try:
         tok = load_tokenizer(spec)
@@ -444,10 +444,10 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
         if fmt == "merged":
             files, checks = _export_merged(chain, tmp, dtype, max_bytes, times, _tamper, log)
         else:
-            from .peft_export import export_peft
+            from persllm_jax.export.peft import export_peft
 
             files, checks = export_peft(chain, tmp, dtype, times, _tamper, log)
-        from .model_card import write_model_card
+        from persllm_jax.export.model_card import write_model_card
 
         write_model_card(tmp, chain, fmt, dtype, checks)
         files = sorted(p.name for p in tmp.iterdir())

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import DataGenError
+from data_gen.errors import DataGenError
 
 
 @click.group("data")
@@ -29,8 +29,8 @@ def data():
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cache_dir, restart, no_progress):
     """Build a persona corpus: inputs, CoT responses, dedup/split, DPO pairs, mixing."""
-    from .config import load_config
-    from .pipeline import build
+    from data_gen.config import load_config
+    from data_gen.pipeline import build
 
     try:
         cfg = load_config(config_file, sets)
@@ -52,8 +52,8 @@ def check_cmd(corpus_dir):
     """Validate a corpus folder's sft/ and dpo/ rows against the formats; exit 1 on any error."""
     from pathlib import Path
 
-    from .formats import check_dpo_row, check_sft_row
-    from .jsonl import read_jsonl
+    from data_gen.formats import check_dpo_row, check_sft_row
+    from data_gen.jsonl import read_jsonl
 
     bad = 0
     for name, check in (("sft/train.jsonl", check_sft_row), ("sft/test.jsonl", check_sft_row),

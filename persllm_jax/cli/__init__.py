@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
+from persllm_jax import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,37 +26,37 @@ def _enable_compilation_cache():
         return
     import jax
 
-    from .weights import cache_root
+    from persllm_jax.model.weights import cache_root
 
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _register():
-    from .generate_cli import generate
+    from persllm_jax.cli.generate import generate
 
     main.add_command(generate)
-    from .train_cli import train
+    from persllm_jax.cli.train import train
 
     main.add_command(train)
-    from data_gen.cli import data
+    from persllm_jax.cli.data import data
 
     main.add_command(data)
-    from .export_cli import export
+    from persllm_jax.cli.export import export
 
     main.add_command(export)
-    from .serve_cli import chat, serve, simulate
+    from persllm_jax.cli.serve import chat, serve, simulate
 
     main.add_command(serve)
     main.add_command(chat)
     main.add_command(simulate)
-    from .eval.cli import eval_cmd
+    from persllm_jax.cli.eval import eval_cmd
 
     main.add_command(eval_cmd)
-    from .plan import plan_command
+    from persllm_jax.train.plan import plan_command
 
     main.add_command(plan_command)
-    from .reproduce import reproduce_cmd
+    from persllm_jax.pipeline.stages import reproduce_cmd
 
     main.add_command(reproduce_cmd)
 

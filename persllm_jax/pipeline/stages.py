@@ -103,7 +103,7 @@ def _resolve_paths(doc: dict, here: Path) -> dict:
 def load(path: str | Path | None, sets=()) -> dict:
     """DEFAULTS < CONFIG (with its includes) < `--set a.b=value` (value parsed as YAML). Every section is checked
     against its stage's own config class here, before anything runs."""
-    from .train_config import parse_set
+    from persllm_jax.train.config import parse_set
 
     cfg = copy.deepcopy(DEFAULTS)
     if path:
@@ -161,16 +161,16 @@ def dpo_config_class():
     """The DPO trainer's config dataclass (issue 4), or None in a build without the DPO trainer."""
     import importlib.util
 
-    from . import train_config as tc
+    from persllm_jax.train import config as tc
 
-    if importlib.util.find_spec("persllm_jax.dpo") is None:
+    if importlib.util.find_spec("persllm_jax.train.dpo") is None:
         return None
     return getattr(tc, "DPOConfig", None)
 
 
 def train_config(cfg: dict, stage: str, check_only: bool = False):
     """The TrainConfig (SFT) or DPO config of a stage: its section with `model` filled in."""
-    from .train_config import ConfigError, TrainConfig, load_config
+    from persllm_jax.train.config import ConfigError, TrainConfig, load_config
 
     section = {k: v for k, v in cfg[stage].items() if k != "enabled"}
     cls = TrainConfig
@@ -205,8 +205,8 @@ def stage_config(cfg: dict, stage: str) -> dict:
 
 
 def eval_config(cfg: dict) -> dict:
-    from .eval import EvalError
-    from .eval.evaluate import DEFAULTS as EVAL_DEFAULTS, load_config as eval_load
+    from persllm_jax.eval import EvalError
+    from persllm_jax.eval.evaluate import DEFAULTS as EVAL_DEFAULTS, load_config as eval_load
 
     c = cfg["eval"]["config"]
     if isinstance(c, str):
@@ -421,12 +421,12 @@ class Pipeline:
 
     # sft / dpo --------------------------------------------------------------------------------------
     def _run_sft(self, fresh: bool):
-        from .data import DataError
-        from .lora import LoraError
-        from .sharding import MeshError
-        from .train import run
-        from .train_config import ConfigError
-        from .weights import WeightsError
+        from persllm_jax.train.data import DataError
+        from persllm_jax.model.lora import LoraError
+        from persllm_jax.train.sharding import MeshError
+        from persllm_jax.train.sft import run
+        from persllm_jax.train.config import ConfigError
+        from persllm_jax.model.weights import WeightsError
 
         run_dir = self.out / "sft"
         if fresh and run_dir.exists():
@@ -473,7 +473,7 @@ class Pipeline:
 
     # export -----------------------------------------------------------------------------------------
     def _run_export(self, fresh: bool):
-        from .export import ExportError, export
+        from persllm_jax.export.driver import ExportError, export
 
         figures, outputs = {}, []
         for fmt in self.cfg["export"]["formats"]:
@@ -499,8 +499,8 @@ class Pipeline:
 
     # eval -------------------------------------------------------------------------------------------
     def _run_eval(self, fresh: bool):
-        from .eval import EvalError
-        from .eval.evaluate import evaluate
+        from persllm_jax.eval import EvalError
+        from persllm_jax.eval.evaluate import evaluate
 
         out = self.out / "eval"
         if out.exists():  # eval has no partial state worth keeping (the judge cache is its own)
@@ -591,13 +591,13 @@ def _fmt_figures(f: dict) -> str:
 
 def run_dpo(cfg, sft_run: Path, corpus: Path, run_dir: Path, progress: bool = True, log=None) -> None:
     """The DPO trainer (persllm_jax/dpo.py): the SFT run merged into the base is the start and the reference."""
-    from .data import DataError
-    from .dpo import run
-    from .export import ExportError
-    from .lora import LoraError
-    from .sharding import MeshError
-    from .train_config import ConfigError
-    from .weights import WeightsError
+    from persllm_jax.train.data import DataError
+    from persllm_jax.train.dpo import run
+    from persllm_jax.export.driver import ExportError
+    from persllm_jax.model.lora import LoraError
+    from persllm_jax.train.sharding import MeshError
+    from persllm_jax.train.config import ConfigError
+    from persllm_jax.model.weights import WeightsError
 
     cfg.from_run, cfg.data = str(sft_run), str(corpus)
     try:
@@ -624,7 +624,7 @@ def preflight(cfg: dict, out: str | Path) -> list[str]:
     the first stage and reported together, so a paper-scale run does not stop at the first gap hours in."""
     import os
 
-    from .weights import WeightsError, resolve_model_path
+    from persllm_jax.model.weights import WeightsError, resolve_model_path
 
     problems = []
     if not Path(cfg["personas"]).is_dir():

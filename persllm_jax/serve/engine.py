@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import model as M
-from .config import ModelConfig
+from persllm_jax.model import decoder as M
+from persllm_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ class Generator:
 
     @classmethod
     def load(cls, spec: str | None, dtype=jnp.float32, **kw) -> Generator:
-        from .weights import load_model, load_tokenizer
+        from persllm_jax.model.weights import load_model, load_tokenizer
 
         loaded = load_model(spec)
         return cls(loaded.cfg, loaded.params, load_tokenizer(spec), dtype=dtype, **kw)

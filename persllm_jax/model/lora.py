@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .model import LINEAR_NAMES, linear_shapes
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.decoder import LINEAR_NAMES, linear_shapes
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 

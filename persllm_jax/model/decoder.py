@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig, rope_inv_freq
-from .sharding import constrain_batch
+from persllm_jax.model.config import ModelConfig, rope_inv_freq
+from persllm_jax.train.sharding import constrain_batch
 
 Params = dict[str, Any]
 

@@ -22,7 +22,7 @@ def _fail(e: Exception):
 
 
 def _parse_adapter(text: str) -> tuple[str, str, str | None]:
-    from .talk import split_model_stage
+    from persllm_jax.serve.personas import split_model_stage
 
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
@@ -68,8 +68,8 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
     Then e.g. OPENAI_BASE_URL=http://127.0.0.1:8000/v1 with any OpenAI client, model "ada".
     Web pages on the same port: / (chat) and /rate (blind pairwise rating; needs --rate-prompts), see docs/web.md.
     """
-    from .serve import Persona, ServerState, bind, build_app, run_server
-    from .talk import ModelPool, TalkError, find_stage, read_run
+    from persllm_jax.serve.app import Persona, ServerState, bind, build_app, run_server
+    from persllm_jax.serve.personas import ModelPool, TalkError, find_stage, read_run
 
     parsed = [_parse_adapter(a) for a in adapters]
     names = [p[0] for p in parsed] + ([base_name] if base_name else [])
@@ -93,7 +93,7 @@ def serve(model_spec, adapters, base_name, host, port, api_key, max_batch, chunk
         _fail(e)
     state = ServerState(personas, api_key=api_key, max_batch=max_batch, chunk=chunk,
                         default_max_tokens=default_max_tokens)
-    from .web import RateConfig, RateError, web_routes
+    from persllm_jax.serve.web import RateConfig, RateError, web_routes
 
     if (rate_db or rate_models) and not rate_prompts:
         raise click.UsageError("--rate-db and --rate-models need --rate-prompts")
@@ -157,9 +157,9 @@ def chat(model_spec, run_dir, stage, persona_dir, system, max_new_tokens, temper
       persllm chat                                   # the embedded SmolLM2
       persllm chat --run runs/ada --stage early
     """
-    from .chat import ChatSession, repl
-    from .generate import SamplingParams
-    from .talk import ModelPool, TalkError, persona_stages
+    from persllm_jax.serve.chat import ChatSession, repl
+    from persllm_jax.serve.engine import SamplingParams
+    from persllm_jax.serve.personas import ModelPool, TalkError, persona_stages
 
     pool = ModelPool(_dtype(dtype), chunk=chunk)
     try:
@@ -203,9 +203,9 @@ def simulate(agents, scene, turns, out, model_spec, max_new_tokens, temperature,
       persllm simulate --agent Ada=runs/ada:late --agent Darwin=runs/darwin:late \\
           --scene "A dinner at Babbage's house in 1844; they discuss machines and nature." --turns 8 --out scene
     """
-    from .generate import SamplingParams
-    from .simulate import build_agents, run_scene, write_transcript
-    from .talk import ModelPool, TalkError
+    from persllm_jax.serve.engine import SamplingParams
+    from persllm_jax.serve.simulate import build_agents, run_scene, write_transcript
+    from persllm_jax.serve.personas import ModelPool, TalkError
 
     if len(agents) < 2:
         raise click.BadParameter("a scene needs at least two agents", param_hint="--agent")

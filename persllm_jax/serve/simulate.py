@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from .generate import Generator, SamplingParams
-from .talk import ModelPool, TalkError, find_stage, split_model_stage, split_thoughts
+from persllm_jax.serve.engine import Generator, SamplingParams
+from persllm_jax.serve.personas import ModelPool, TalkError, find_stage, split_model_stage, split_thoughts
 
 
 @dataclasses.dataclass

@@ -24,8 +24,8 @@ def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, personas, no_
     """
     if ctx.invoked_subcommand is not None:
         return
-    from . import EvalError
-    from .evaluate import evaluate
+    from persllm_jax.eval import EvalError
+    from persllm_jax.eval.evaluate import evaluate
 
     if not data or not out:
         raise click.UsageError("--data and --out are required")
@@ -42,8 +42,8 @@ def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, personas, no_
 @click.option("--out", required=True, type=click.Path(), help="Output dir for the combined results.json, report.md, plots.")
 def compare_cmd(eval_dirs, out):
     """One side-by-side report from several `persllm eval` outputs (same corpus and settings)."""
-    from . import EvalError
-    from .evaluate import compare
+    from persllm_jax.eval import EvalError
+    from persllm_jax.eval.evaluate import compare
 
     try:
         compare(list(eval_dirs), out)
@@ -60,8 +60,8 @@ def compare_cmd(eval_dirs, out):
 def human_cmd(db, out, bootstrap, seed):
     """Human judgements from /rate: win rates per model pair and criterion (bootstrap CIs), Bradley-Terry
     scores across models, inter-rater agreement (Cohen's kappa)."""
-    from . import EvalError
-    from .human import run
+    from persllm_jax.eval import EvalError
+    from persllm_jax.eval.human import run
 
     try:
         h = run(db, out, n_boot=bootstrap, seed=seed)

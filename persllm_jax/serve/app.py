@@ -24,8 +24,8 @@ import time
 import uuid
 from collections import deque
 
-from .generate import Generator, SamplingParams
-from .talk import DeltaText
+from persllm_jax.serve.engine import Generator, SamplingParams
+from persllm_jax.serve.personas import DeltaText
 
 MAX_STOP = 4
 

@@ -76,7 +76,7 @@ def hf_config_of(model: str) -> tuple[dict, str]:
         if name not in SHAPES:
             raise PlanError(f"model {model!r}: unknown shape; known: {', '.join('shape:' + s for s in SHAPES)}")
         return dict(SHAPES[name]), model
-    from .weights import WeightsError, resolve_model_path
+    from persllm_jax.model.weights import WeightsError, resolve_model_path
 
     if model.endswith(".json"):
         path = model
@@ -89,7 +89,7 @@ def hf_config_of(model: str) -> tuple[dict, str]:
     if p.suffix == ".gguf":
         import gguf
 
-        from .weights import gguf_hf_config
+        from persllm_jax.model.weights import gguf_hf_config
 
         return gguf_hf_config(gguf.GGUFReader(str(p)), str(p)), str(p)
     cfg_file = p / "config.json" if p.is_dir() else p
@@ -100,7 +100,7 @@ def hf_config_of(model: str) -> tuple[dict, str]:
 
 
 def model_config(model: str):
-    from .config import from_hf_dict
+    from persllm_jax.model.config import from_hf_dict
 
     hf, source = hf_config_of(model)
     return from_hf_dict(hf, source)
@@ -133,8 +133,8 @@ def _saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | N
     import jax
     import jax.numpy as jnp
 
-    from . import lora as lora_mod
-    from .train import DTYPES, token_nll_sum
+    from persllm_jax.model import lora as lora_mod
+    from persllm_jax.train.sft import DTYPES, token_nll_sum
 
     try:
         from jax._src.ad_checkpoint import saved_residuals
@@ -162,8 +162,10 @@ def abstract_step(cfg, n_devices: int, devices=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from . import lora as lora_mod, sharding as shd, train as T
-    from .model import init_params
+    from persllm_jax.model import lora as lora_mod
+    from persllm_jax.train import sharding as shd
+    from persllm_jax.train import sft as T
+    from persllm_jax.model.decoder import init_params
 
     mcfg = model_config(cfg.model)
     devices = list(devices if devices is not None else jax.devices())[:n_devices]
@@ -209,7 +211,7 @@ def compute_plan(cfg, n_devices: int, devices=None) -> dict:
     """Compile the SFT train step for `cfg` on `n_devices` (CPU) devices and account per-device memory."""
     import jax.numpy as jnp
 
-    from . import lora as lora_mod
+    from persllm_jax.model import lora as lora_mod
 
     a = abstract_step(cfg, n_devices, devices)
     mcfg, mesh, dp, state, frozen, batch = a["mcfg"], a["mesh"], a["dp"], a["state"], a["frozen"], a["batch"]
@@ -315,7 +317,7 @@ def run_worker(cfg_dict: dict, n_devices: int) -> dict:
     starts). LLVM optimisation is off there: it changes code speed, not buffers, and halves compile time."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PERSLLM_XLA_CACHE="0",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices} {WORKER_XLA_FLAGS}")
-    proc = subprocess.run([sys.executable, "-m", "persllm_jax.plan", json.dumps(cfg_dict), str(n_devices)],
+    proc = subprocess.run([sys.executable, "-m", "persllm_jax.train.plan", json.dumps(cfg_dict), str(n_devices)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -324,7 +326,7 @@ def run_worker(cfg_dict: dict, n_devices: int) -> dict:
 
 
 def _worker_main(argv):
-    from .train_config import TrainConfig, load_config
+    from persllm_jax.train.config import TrainConfig, load_config
 
     cfg = load_config(TrainConfig, None, base=json.loads(argv[0]))
     try:
@@ -342,14 +344,14 @@ def load_train_config(config_file, sets=(), model=None):
 
     import yaml
 
-    from .train_config import ConfigError, TrainConfig, load_config
+    from persllm_jax.train.config import ConfigError, TrainConfig, load_config
 
     try:
         doc = yaml.safe_load(Path(config_file).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{config_file}: cannot read config: {str(e).splitlines()[0]}") from None
     if isinstance(doc, dict) and ("sft" in doc or "include" in doc):  # a reproduce recipe
-        from . import reproduce
+        from persllm_jax.pipeline import stages as reproduce
 
         try:
             sft = reproduce.train_config(reproduce.load(config_file), "sft")
@@ -365,7 +367,7 @@ def load_train_config(config_file, sets=(), model=None):
         cfg = load_config(TrainConfig, config_file, sets, base=base)
     except ConfigError as e:
         try:
-            from .train_config import DPOConfig
+            from persllm_jax.train.config import DPOConfig
         except ImportError:
             raise e from None
         if "unknown config key" not in str(e):
@@ -385,7 +387,7 @@ def plan_config_dict(cfg) -> dict:
     """What the worker needs: the TrainConfig fields of `cfg` (DPO-only keys dropped)."""
     import dataclasses
 
-    from .train_config import TrainConfig
+    from persllm_jax.train.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
@@ -411,8 +413,8 @@ def _click_command():
                   help="Fraction of the device memory the step may use (the rest: runtime, fragmentation).")
     @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
     def plan(config_file, n_devices, kind, model, sets, headroom, as_json):
-        from .sharding import MeshError
-        from .train_config import ConfigError
+        from persllm_jax.train.sharding import MeshError
+        from persllm_jax.train.config import ConfigError
 
         try:
             cfg = load_train_config(config_file, sets, model)

@@ -37,11 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import distributed, lora as lora_mod, sharding as shd, train as T
-from .config import ModelConfig
-from .data import DataError, check_messages, read_jsonl
-from .model import ATTN_BLOCK, _layer, linear_shapes, logits_from_hidden, rms_norm, rope_cos_sin
-from .train_config import DPOConfig
+from persllm_jax.train import distributed
+from persllm_jax.model import lora as lora_mod
+from persllm_jax.train import sharding as shd
+from persllm_jax.train import sft as T
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.train.data import DataError, check_messages, read_jsonl
+from persllm_jax.model.decoder import ATTN_BLOCK, _layer, linear_shapes, logits_from_hidden, rms_norm, rope_cos_sin
+from persllm_jax.train.config import DPOConfig
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch")
 COMP_KEYS = ("comp_src", "comp_tgt", "comp_w", "comp_seq")
@@ -467,12 +470,12 @@ def precompute_ref(cfg: DPOConfig, mcfg: ModelConfig, ref_params, pairs: list[Pa
 
 def base_params(cfg: DPOConfig, loaded=None, log=print):
     """(loaded base, params DPO starts from, model spec, parent info): the SFT chain merged, or the base."""
-    from .weights import load_model
+    from persllm_jax.model.weights import load_model
 
     if not cfg.from_run:
         loaded = loaded or load_model(cfg.model)
         return loaded, loaded.params, cfg.model, {}
-    from . import export
+    from persllm_jax.export import driver as export
 
     chain = export.load_chain(cfg.from_run, None if cfg.from_step < 0 else cfg.from_step)
     params = export.merged_params(chain)
@@ -484,7 +487,7 @@ def base_params(cfg: DPOConfig, loaded=None, log=print):
 def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
         log=print) -> dict:
     """DPO per `cfg` into `run_dir` (resuming from its latest checkpoint); same loop and outputs as train.run."""
-    from .weights import load_tokenizer
+    from persllm_jax.model.weights import load_tokenizer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

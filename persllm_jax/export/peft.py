@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import lora as lora_mod
-from .export import (
+from persllm_jax.model import lora as lora_mod
+from persllm_jax.export.driver import (
     DTYPES,
     MODEL_TOL,
     WRITE_TOL,
@@ -32,7 +32,7 @@ from .export import (
     our_model_logits,
     probe_batch,
 )
-from .model import LINEAR_NAMES, linear_shapes
+from persllm_jax.model.decoder import LINEAR_NAMES, linear_shapes
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -73,7 +73,7 @@ def stacked_adapter(stages: list, mcfg) -> tuple[dict, int, float, float]:
 
 
 def adapter_config(chain: Chain, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict:
-    from .model_card import base_model_id
+    from persllm_jax.export.model_card import base_model_id
 
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_id(chain),
@@ -115,7 +115,7 @@ def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, tamper, log):
     targets = [n for n in LINEAR_NAMES if n in tree]
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(chain, rank, alpha, dropout, targets),
                                                         indent=2) + "\n")
-    from .export import save_tokenizer
+    from persllm_jax.export.driver import save_tokenizer
 
     tok = save_tokenizer(chain.base_spec, tmp)
     times["write"] = time.perf_counter() - t
