@@ -9,8 +9,8 @@ import hashlib
 import random
 
 from data_gen.backends import Request, Result
-from data_gen.jsonl import Appender, read_jsonl
 from data_gen.prompts import parse_input, parse_response
+from persllm_jax.io import Appender, read_jsonl
 
 TYPES = ("ordinary", "thought", "error")
 FAILED = "annotator_failed"

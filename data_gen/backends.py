@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from data_gen.errors import DataGenError
-from data_gen.jsonl import atomic_write_text
+from persllm_jax.io import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,17 +1,14 @@
-"""Build configuration: defaults, a YAML file, then `--set a.b=value` overrides (values parsed as YAML).
-
-Unknown keys are errors (a typo must not silently fall back to a default)."""
+"""Build configuration: the DEFAULTS schema and its checks; loading (a YAML file, then `--set a.b=value`
+overrides, unknown keys refused) is `persllm_jax.settings`, the one config loader."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
-from data_gen.errors import DataGenError, read_yaml
+from data_gen.errors import DataGenError
+from persllm_jax import settings
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -71,45 +68,12 @@ DEFAULTS: dict = {
 }
 
 
-_REPLACED_WHOLE = {"inputs.mix"}  # mappings a user gives in full rather than key by key
+WHOLE = {"inputs.mix"}  # mappings a user gives in full rather than key by key
 
 
-def _merge(base: dict, over: dict, where: str, prefix: str = "") -> None:
-    for k, v in over.items():
-        key = f"{prefix}{k}"
-        if k not in base:
-            raise DataGenError(f"{where}: unknown config key '{key}'")
-        if isinstance(base[k], dict):
-            if not isinstance(v, dict):
-                raise DataGenError(f"{where}: config key '{key}' must be a mapping")
-            if key in _REPLACED_WHOLE:
-                base[k] = dict(v)
-            else:
-                _merge(base[k], v, where, key + ".")
-        else:
-            base[k] = v
-
-
-def load_config(path: str | Path | None = None, sets: tuple[str, ...] | list[str] = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
-    if path:
-        p = Path(path)
-        data = read_yaml(p, "config file") or {}
-        if not isinstance(data, dict):
-            raise DataGenError(f"{p}: config must be a YAML mapping")
-        _merge(cfg, data, str(p))
-    for s in sets:
-        if "=" not in s:
-            raise DataGenError(f"--set {s}: expected key=value")
-        key, raw = s.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node: dict = value
-        for part in reversed(key.strip().split(".")):
-            node = {part: node}
-        _merge(cfg, node, f"--set {s}")
+def load_config(path: str | Path | None = None, sets: tuple[str, ...] | list[str] = (), base: dict | None = None) -> dict:
+    """DEFAULTS < `base` (e.g. a reproduce recipe's data.config) < the YAML file < `--set` items, then checked."""
+    cfg = settings.load(DEFAULTS, path, sets, base=base, whole=WHOLE)
     validate(cfg)
     return cfg
 

@@ -12,7 +12,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from data_gen.errors import DataGenError, read_yaml
+from data_gen.errors import DataGenError
+from persllm_jax.io import read_yaml
 
 KINDS = ("objective", "subjective")
 UNSORTED = "unsorted"  # a stage folder of unsorted materials, sorted by the annotator (data_gen.classify)

@@ -18,14 +18,14 @@ from collections import Counter
 from pathlib import Path
 
 from data_gen import annotate, dpo_pairs, mixing, split
-from data_gen.classify import classify_unsorted
 from data_gen.backends import make_backend
+from data_gen.classify import classify_unsorted
 from data_gen.config import fingerprint
 from data_gen.errors import DataGenError
-from data_gen.jsonl import atomic_write_text, write_jsonl
 from data_gen.materials import chunk_persona, load_personas
 from data_gen.prompts import Templates, format_cot
 from data_gen.retrieval import Index
+from persllm_jax.io import atomic_write_text, write_jsonl
 
 
 class _NoBar:

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax.train import checkpoint
-from persllm_jax.model import lora as L
+from persllm_jax.model import lora
 from persllm_jax.model.decoder import linear_shapes
 from persllm_jax.model.weights import load_model
+from persllm_jax.train import checkpoint
 
 
 def random_adapter(mcfg, rank: int, targets=("all-linear",), seed: int = 0, b_std: float = 0.05) -> dict:
@@ -21,7 +21,7 @@ def random_adapter(mcfg, rank: int, targets=("all-linear",), seed: int = 0, b_st
     rng = np.random.default_rng(seed)
     shapes = linear_shapes(mcfg)
     out = {}
-    for n in L.resolve_targets(list(targets)):
+    for n in lora.resolve_targets(list(targets)):
         n_in, n_out = shapes[n]
         bound = 1.0 / np.sqrt(n_in)
         out[n] = {"a": jnp.asarray(rng.uniform(-bound, bound, (mcfg.num_layers, n_in, rank)), jnp.float32),
@@ -39,7 +39,7 @@ def write_run(run_dir, model, trainable: dict, *, kind: str = "lora", rank: int 
     if kind == "lora":
         rank = rank or int(next(iter(trainable.values()))["a"].shape[-1])
         lora_info = {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": sorted(trainable),
-                     "scale": L.lora_scale(rank, alpha)}
+                     "scale": lora.lora_scale(rank, alpha)}
     info = {"model": str(model), "model_source": loaded.source, "model_config": loaded.hf_config, "kind": kind,
             "lora": lora_info, "data": data, "total_steps": step}
     if parent:

@@ -15,8 +15,8 @@ from fake_openai import FakeOpenAI
 
 from data_gen.config import load_config
 from data_gen.formats import check_dpo_row, check_sft_row
-from data_gen.jsonl import read_jsonl
 from data_gen.pipeline import build
+from persllm_jax.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data_gen" / "personas"
@@ -35,7 +35,7 @@ def api_key(monkeypatch):
 def cli(args, timeout=300, command=("build", "--no-progress"), **kw):
     env = dict(os.environ, OPENAI_API_KEY=KEY, PYTHONPATH=str(REPO))
     env.pop("OPENAI_BASE_URL", None)
-    return subprocess.Popen([sys.executable, "-m", "data_gen.cli", *command, *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "persllm_jax", "data", *command, *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

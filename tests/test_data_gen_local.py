@@ -7,7 +7,7 @@ import pytest
 
 from data_gen.config import load_config
 from data_gen.formats import check_dpo_row, check_sft_row
-from data_gen.jsonl import read_jsonl
+from persllm_jax.io import read_jsonl
 from data_gen.pipeline import build
 
 DEMO = Path(__file__).resolve().parents[1] / "data_gen" / "personas"

@@ -266,7 +266,7 @@ def test_local_backend_cache_namespace_fingerprints_the_weights(tmp_path):
 
 
 def test_jsonl_torn_tail_is_dropped_and_cut_before_appending(tmp_path):
-    from data_gen.jsonl import Appender, read_jsonl, write_jsonl
+    from persllm_jax.io import Appender, read_jsonl, write_jsonl
 
     f = tmp_path / "w.jsonl"
     write_jsonl(f, [{"a": 1}, {"a": 2}])

@@ -9,16 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from chat_fixtures import WORDS, tiny_model_dir, write_corpus
 from click.testing import CliRunner
 
-from chat_fixtures import WORDS, tiny_model_dir, write_corpus
-from persllm_jax.train import dpo as D
-from persllm_jax.model import lora as L
-from persllm_jax.train import sharding as shd
-from persllm_jax.train import sft as T
 from persllm_jax.cli import main
-from persllm_jax.train.config import ConfigError, DPOConfig, load_config
+from persllm_jax.model import lora as L
 from persllm_jax.model.weights import load_model, load_tokenizer
+from persllm_jax.train import dpo, dpo_data
+from persllm_jax.train import sft as T
+from persllm_jax.train import sharding as shd
+from persllm_jax.train.config import ConfigError, DPOConfig, load_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -56,9 +56,9 @@ def _cfg(model, corpus, *sets):
 
 
 def _rows(tok, corpus, max_length=64, packing=True):
-    pairs, _ = D.load_pairs(tok, D.dpo_file(corpus), max_length)
-    K, S = D.budgets(pairs, max_length, packing)
-    return pairs, {k: jnp.asarray(v) for k, v in D.pack_pairs(pairs, max_length, K, S, packing).items()}
+    pairs, _ = dpo_data.load_pairs(tok, dpo_data.dpo_file(corpus), max_length)
+    K, S = dpo_data.budgets(pairs, max_length, packing)
+    return pairs, {k: jnp.asarray(v) for k, v in dpo_data.pack_pairs(pairs, max_length, K, S, packing).items()}
 
 
 def _by_pair(rows, *arrays):
@@ -74,7 +74,7 @@ def test_shared_prompt_rows_equal_separate_sequences(tiny):
     assert (np.asarray(rows["segment_ids"]).max(axis=1) > 1).any()  # several pairs per row
     ad = {n: {"a": p["a"], "b": 0.05 * jax.random.normal(jax.random.PRNGKey(i), p["b"].shape)}
           for i, (n, p) in enumerate(L.init_lora(loaded.cfg, jax.random.PRNGKey(9), 4, TARGETS).items())}
-    pc, pr, nc, nr = D.sequence_logps(loaded.params, loaded.cfg, rows, lora=ad, lora_scale=2.0)
+    pc, pr, nc, nr = dpo.sequence_logps(loaded.params, loaded.cfg, rows, lora=ad, lora_scale=2.0)
     got = _by_pair(rows, pc, pr, nc, nr)
     for p in pairs:
         for ids, k, nk in ((p.chosen, 0, 2), (p.rejected, 1, 3)):
@@ -92,14 +92,14 @@ def test_zero_delta_loss_is_log2(tiny):
     model, corpus, loaded, tok = tiny
     cfg = _cfg(model, corpus, "loss_type=sigmoid")
     x = jnp.asarray([-40.5, -3.25, -17.0], jnp.float32)
-    per = D.pair_losses(cfg, x, x + 1.5, x, x + 1.5, jnp.ones(3), jnp.ones(3))
+    per = dpo.pair_losses(cfg, x, x + 1.5, x, x + 1.5, jnp.ones(3), jnp.ones(3))
     assert np.all(np.asarray(per) == np.float32(math.log(2)))  # bitwise, for any log-probs
     # the first training step: zero-delta adapter, online reference from the same frozen weights
     pairs, rows = _rows(tok, corpus)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     opt, sched = T.make_optimizer(cfg, 10)
     state, frozen = T.init_state(cfg, loaded.cfg, loaded.params, opt, mesh)
-    step = jax.jit(D.make_dpo_step(cfg, loaded.cfg, opt, sched, online_ref=True))
+    step = jax.jit(dpo.make_dpo_step(cfg, loaded.cfg, opt, sched, online_ref=True))
     batch = {k: v[None] for k, v in rows.items()}
     _, m = step(state, frozen, batch)
     assert abs(float(m["loss"]) - math.log(2)) < 3e-7, float(m["loss"])  # log 2 up to fp32 rounding of the mean
@@ -123,7 +123,8 @@ def trl_side(tiny, tmp_path_factory):
     def trainer(loss_type, weights=None, swap=False, beta=0.3):
         import peft
         from datasets import Dataset
-        from trl import DPOConfig as TRLConfig, DPOTrainer
+        from trl import DPOConfig as TRLConfig
+        from trl import DPOTrainer
 
         data = [{"prompt": r["prompt"], "chosen": r["rejected" if swap else "chosen"],
                  "rejected": r["chosen" if swap else "rejected"]} for r in rows]
@@ -158,10 +159,10 @@ def _ours(tiny, adapter, n, cfg):
     rows = dict(rows, pair_valid=jnp.asarray(np.asarray(rows["pair_valid"]) * keep),
                 comp_w=jnp.asarray(np.asarray(rows["comp_w"]) * np.take_along_axis(
                     keep, np.asarray(rows["comp_seq"]) // 2, axis=1)))
-    pol = D.sequence_logps(loaded.params, loaded.cfg, rows, lora=adapter, lora_scale=2.0)
-    ref = D.sequence_logps(loaded.params, loaded.cfg, rows)
-    _, _, loss_fn = D.make_loss(cfg, loaded.cfg)
-    n_pairs, n_chosen = D.totals(rows)
+    pol = dpo.sequence_logps(loaded.params, loaded.cfg, rows, lora=adapter, lora_scale=2.0)
+    ref = dpo.sequence_logps(loaded.params, loaded.cfg, rows)
+    _, _, loss_fn = dpo.make_loss(cfg, loaded.cfg)
+    n_pairs, n_chosen = dpo.totals(rows)
     loss, _ = loss_fn(adapter, loaded.params, rows, ref[:2], jax.random.PRNGKey(0), n_pairs, n_chosen)
     return float(loss), _by_pair(rows, pol[0], pol[1]), _by_pair(rows, ref[0], ref[1])
 
@@ -209,22 +210,22 @@ def test_precomputed_reference_equals_online(tiny, tmp_path):
     sft = {n: {"a": p["a"], "b": 0.05 * jax.random.normal(jax.random.PRNGKey(i + 3), p["b"].shape)}
            for i, (n, p) in enumerate(L.init_lora(loaded.cfg, jax.random.PRNGKey(4), 4, TARGETS).items())}
     ref_params = L.merge_lora(loaded.params, sft, 2.0)  # a reference that differs from the base
-    pairs, _ = D.load_pairs(tok, D.dpo_file(corpus), 64)
-    K, S = D.budgets(pairs, 64, True)
+    pairs, _ = dpo_data.load_pairs(tok, dpo_data.dpo_file(corpus), 64)
+    K, S = dpo_data.budgets(pairs, 64, True)
     logs = []
-    c, r = D.precompute_ref(cfg, loaded.cfg, ref_params, pairs, tmp_path, mesh, K, S, len(pairs), logs.append)
+    c, r = dpo.precompute_ref(cfg, loaded.cfg, ref_params, pairs, tmp_path, mesh, K, S, len(pairs), logs.append)
     assert "computed" in logs[-1] and len(list((tmp_path / "ref_logps").glob("*.npz"))) == 1
-    c2, _ = D.precompute_ref(cfg, loaded.cfg, ref_params, pairs, tmp_path, mesh, K, S, len(pairs), logs.append)
+    c2, _ = dpo.precompute_ref(cfg, loaded.cfg, ref_params, pairs, tmp_path, mesh, K, S, len(pairs), logs.append)
     assert "cached" in logs[-1] and np.array_equal(c, c2)
     # a changed reference or corpus invalidates the cache
-    D.precompute_ref(cfg, loaded.cfg, loaded.params, pairs, tmp_path, mesh, K, S, len(pairs), logs.append)
+    dpo.precompute_ref(cfg, loaded.cfg, loaded.params, pairs, tmp_path, mesh, K, S, len(pairs), logs.append)
     assert "computed" in logs[-1]
     assert len(list((tmp_path / "ref_logps").glob("*.npz"))) == 1  # the stale entry was removed
-    key = D.ref_cache_key(ref_params, pairs, cfg, loaded.cfg)
-    assert D.ref_cache_key(ref_params, pairs[:-1], cfg, loaded.cfg) != key  # a changed corpus: another key
+    key = dpo.ref_cache_key(ref_params, pairs, cfg, loaded.cfg)
+    assert dpo.ref_cache_key(ref_params, pairs[:-1], cfg, loaded.cfg) != key  # a changed corpus: another key
 
     # a shuffled training batch (other packing than the precompute pass) with a trained-looking adapter
-    rows = {k: jnp.asarray(v) for k, v in D.epoch_rows(pairs, 64, K, S, seed=5, epoch=1).items()}
+    rows = {k: jnp.asarray(v) for k, v in dpo_data.epoch_rows(pairs, 64, K, S, seed=5, epoch=1).items()}
     ids = np.asarray(rows["pair_id"])
     pre = (jnp.asarray(np.where(ids >= 0, c[np.maximum(ids, 0)], 0)),
            jnp.asarray(np.where(ids >= 0, r[np.maximum(ids, 0)], 0)))
@@ -232,8 +233,8 @@ def test_precomputed_reference_equals_online(tiny, tmp_path):
           for i, (n, p) in enumerate(L.init_lora(loaded.cfg, jax.random.PRNGKey(5), 8, TARGETS).items())}
     for loss_type in ("sigmoid",):
         cfg_l = _cfg(model, corpus, f"loss_type={loss_type}", "nll_weight=0.5")
-        _, ref_fn, loss_fn = D.make_loss(cfg_l, loaded.cfg)
-        n_pairs, n_chosen = D.totals(rows)
+        _, ref_fn, loss_fn = dpo.make_loss(cfg_l, loaded.cfg)
+        n_pairs, n_chosen = dpo.totals(rows)
         g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
         online = ref_fn(ref_params, rows)
         np.testing.assert_allclose(np.asarray(online[0]), np.asarray(pre[0]), rtol=1e-6, atol=1e-6)
@@ -254,7 +255,7 @@ def _metrics(run_dir):
 def test_learns_preferences_on_tiny_model(tiny, tmp_path):
     model, corpus, loaded, tok = tiny
     small = write_pairs(tmp_path / "c", n=8, seed=5, lengths=(2, 6))
-    out = D.run(_cfg(model, small, "steps=40", "mesh.data=1", "batch_size=2", "learning_rate=1e-2", "beta=0.5",
+    out = dpo.run(_cfg(model, small, "steps=40", "mesh.data=1", "batch_size=2", "learning_rate=1e-2", "beta=0.5",
                      "lora.rank=16", "lora.alpha=32", "log_every=5", "precompute_ref=true"), tmp_path / "r",
                 loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False, log=lambda s: None)
     m = _metrics(tmp_path / "r")
@@ -262,8 +263,8 @@ def test_learns_preferences_on_tiny_model(tiny, tmp_path):
     # reward accuracy and margin over all training pairs, before and after
     pairs, rows = _rows(tok, small)
     ad = jax.device_get(out["state"]["trainable"])
-    ref = D.sequence_logps(loaded.params, loaded.cfg, rows)
-    pol = D.sequence_logps(loaded.params, loaded.cfg, rows, lora=ad, lora_scale=2.0)
+    ref = dpo.sequence_logps(loaded.params, loaded.cfg, rows)
+    pol = dpo.sequence_logps(loaded.params, loaded.cfg, rows, lora=ad, lora_scale=2.0)
     valid = np.asarray(rows["pair_valid"]) > 0
     margin = 0.5 * ((np.asarray(pol[0]) - np.asarray(ref[0])) - (np.asarray(pol[1]) - np.asarray(ref[1])))[valid]
     assert (margin > 0).mean() > 0.9, margin
@@ -275,14 +276,14 @@ def test_sharded_runs_match_single_device(tiny, tmp_path):
     model, corpus, loaded, tok = tiny
     assert jax.device_count() == 8
     sets = ["steps=3", "lora.dropout=0.1", "batch_size=8", "shuffle=true", "nll_weight=0.3"]
-    ref = D.run(_cfg(model, corpus, *sets, "mesh.data=1"), tmp_path / "one", loaded=loaded, tokenizer=tok,
+    ref = dpo.run(_cfg(model, corpus, *sets, "mesh.data=1"), tmp_path / "one", loaded=loaded, tokenizer=tok,
                 devices=jax.devices()[:1], progress=False, log=lambda s: None)
     ref_m = _metrics(tmp_path / "one")
     assert len(ref_m) == 3 and all(0 < m["pairs"] for m in ref_m)
     ref_lora = jax.device_get(ref["state"]["trainable"])
     for mesh in [(8, 1, 1), (2, 2, 2)]:
         d = tmp_path / "x".join(map(str, mesh))
-        out = D.run(_cfg(model, corpus, *sets, f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
+        out = dpo.run(_cfg(model, corpus, *sets, f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
                          f"mesh.tensor={mesh[2]}"), d, loaded=loaded, tokenizer=tok, progress=False,
                     log=lambda s: None)
         got_m = _metrics(d)
@@ -305,10 +306,10 @@ def test_sft_then_dpo_run_exports_merged(tiny, tmp_path):
     """`persllm train sft` then `persllm train dpo --from`: the DPO run.json chains to the SFT run, and the merged
     export's logits equal base + SFT delta + DPO delta."""
     import transformers
-
     from export_runs import hf_logits
-    from persllm_jax.train import checkpoint
+
     from persllm_jax.export import driver as E
+    from persllm_jax.train import checkpoint
 
     model, corpus, loaded, tok = tiny
     sft_corpus = write_corpus(tmp_path / "sft_corpus", n=6, seed=3)

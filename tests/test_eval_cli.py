@@ -181,7 +181,7 @@ def test_eval_command_bad_input(tmp_path):
     (tmp_path / "bad.yaml").write_text("nonsense_key: 1\n")
     corpus = write_test_corpus(tmp_path / "c")
     res = CliRunner().invoke(main, ["eval", "--data", str(corpus), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "bad.yaml")])
-    assert res.exit_code != 0 and "unknown key 'nonsense_key'" in res.output
+    assert res.exit_code != 0 and "unknown config key 'nonsense_key'" in res.output
 
 
 def test_option_logprobs_match_an_unpadded_forward(tmp_path):
@@ -190,7 +190,7 @@ def test_option_logprobs_match_an_unpadded_forward(tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    from persllm_jax.model import decoder as M
+    from persllm_jax.model.decoder import forward
     from persllm_jax.eval.runner import option_logprobs_fn, option_token_ids
     from persllm_jax.serve.engine import Generator
     from persllm_jax.model.weights import load_model
@@ -207,6 +207,6 @@ def test_option_logprobs_match_an_unpadded_forward(tmp_path):
     for i, c in enumerate(convs):
         ids = jnp.asarray([gen.encode_chat(c)], jnp.int32)
         pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        logits = M.forward(loaded.params, loaded.cfg, ids, pos, jnp.ones_like(ids))
+        logits = forward(loaded.params, loaded.cfg, ids, pos, jnp.ones_like(ids))
         want = np.asarray(jax.nn.log_softmax(logits[0, -1]))[opt]
         np.testing.assert_allclose(got[i], want, atol=2e-4)

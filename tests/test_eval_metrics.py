@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from persllm_jax.errors import InputError
 from persllm_jax.eval import EvalError, anti_induction, bigfive, distinction, precision, style
 from persllm_jax.eval.corpus import load_test, persona_stages, response_part
 
@@ -220,7 +221,7 @@ def test_corpus_checks(tmp_path):
         load_test(tmp_path)
     f = tmp_path / "sft" / "test.jsonl"
     f.write_text("{bad\n")
-    with pytest.raises(EvalError, match=":1: invalid JSON"):
+    with pytest.raises(InputError, match=r"test\.jsonl:1:2: invalid JSON"):  # the shared JSONL reader's error
         load_test(tmp_path)
     f.write_text(json.dumps({"persona": "p", "stage": "s", "messages": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(EvalError, match="reference"):
@@ -236,11 +237,9 @@ def test_corpus_checks(tmp_path):
 
 
 def _results(name, text):
-    from persllm_jax.eval import distinction as D
-
     ans = [_ans("p", s, i, f"{text} {s} {i}", k) for s in ("early", "late") for i in range(2) for k in range(2)]
     return {"data": "c", "n_test_items": 4, "settings": {"samples": 2}, "personas": {"p": {"name": "P", "stages": {}}},
-            "judge": None, "notes": {}, "systems": {name: {"kind": "run", "run_dir": None, "distinction": D.distinction(ans),
+            "judge": None, "notes": {}, "systems": {name: {"kind": "run", "run_dir": None, "distinction": distinction.distinction(ans),
                                                           "anti_induction": {"n_error": 0, "break_rate_all": 0.0}}}}
 
 

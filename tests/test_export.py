@@ -12,10 +12,12 @@ from chat_fixtures import tiny_model_dir, write_corpus
 from click.testing import CliRunner
 from export_runs import hf_logits, max_diff, random_adapter, write_run
 
-from persllm_jax.export import driver as E
+from persllm_jax import runs
 from persllm_jax.cli import main
-from persllm_jax.serve.engine import Generator, SamplingParams
+from persllm_jax.export import ExportError, driver, hf_state, verify
+from persllm_jax.io import jnp_dtype
 from persllm_jax.model.weights import load_model, load_tokenizer
+from persllm_jax.serve.engine import Generator, SamplingParams
 
 ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "smollm2")
 TOL = 1e-4
@@ -33,7 +35,7 @@ def _cli(*args, env=None):
 
 def _greedy_ours(chain, prompts, n=10):
     last = chain.last
-    params = E.merged_params(chain, len(chain.stages) - 1) if last.kind == "lora" else E.merged_params(chain)
+    params = runs.merged_params(chain, len(chain.stages) - 1) if last.kind == "lora" else runs.merged_params(chain)
     gen = Generator(chain.base.cfg, params, lora=last.weights if last.kind == "lora" else None,
                     lora_scale=last.scale or 1.0, eos_token_ids=(-1,))
     return [c.token_ids for c in gen.generate_ids(prompts, SamplingParams(max_new_tokens=n))]
@@ -48,7 +50,7 @@ def _greedy_fixed(chain, prompt, n, shape):
              "segment_ids": np.ones(shape, np.int32)}
     out = []
     for i in range(len(prompt), len(prompt) + n):
-        nxt = int(E.our_model_logits(chain, batch)[0, i - 1].argmax())
+        nxt = int(verify.our_model_logits(chain, batch)[0, i - 1].argmax())
         toks[0, i] = nxt
         out.append(nxt)
     return out
@@ -67,7 +69,7 @@ def _greedy_hf(model, prompts, n=10):
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
     """A real short SFT run (trainer API, 3 steps) on a tiny Llama with a chat tokenizer."""
-    from persllm_jax.train import sft as T
+    from persllm_jax.train import sft
     from persllm_jax.train.config import load_config
 
     root = tmp_path_factory.mktemp("sft")
@@ -82,7 +84,7 @@ def sft(tmp_path_factory):
     cfg = load_config(overrides=["max_length=64", "batch_size=4", "learning_rate=2e-2", "warmup_steps=0", "steps=3",
                                  "lora.rank=4", "lora.alpha=8", "mesh.data=1", "peak_tflops=0.15", "log_every=1"],
                       base={"model": str(model), "data": str(corpus)})
-    T.run(cfg, root / "run", devices=jax.devices()[:1], progress=False, log=lambda s: None)
+    sft.run(cfg, root / "run", devices=jax.devices()[:1], progress=False, log=lambda s: None)
     (root / "run" / "eval.json").write_text(json.dumps({"distinction": {"bleu_inter": 0.125}, "anti_induction": 0.8}))
     return root, model, root / "run"
 
@@ -101,15 +103,15 @@ def test_sft_merged_and_peft_reload_in_transformers_and_peft(sft, tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["dtype"] == "float32"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
-    chain = E.load_chain(run)
+    chain = runs.load_chain(run)
     assert chain.stages[0].step == 3 and chain.stages[0].kind == "lora"
     tok = load_tokenizer(str(out))
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    batch = E.probe_batch(tok, chain.base.cfg)
-    ours = E.our_model_logits(chain, batch)
+    batch = verify.probe_batch(tok, chain.base.cfg)
+    ours = verify.our_model_logits(chain, batch)
     hf = _hf(out)
     assert max_diff(ours, hf_logits(hf, batch), batch["segment_ids"]) <= TOL
-    assert np.abs(ours - E.logits_of(chain.base.params, chain.base.cfg, batch)).max() > 1e-3  # training moved it
+    assert np.abs(ours - verify.logits_of(chain.base.params, chain.base.cfg, batch)).max() > 1e-3  # training moved it
     prompts = [tok.apply_chat_template([{"role": "user", "content": "who are you ?"}], add_generation_prompt=True),
                [5, 9, 17, 33]]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
@@ -135,12 +137,12 @@ def test_sft_then_dpo_chain_merged_and_stacked_peft(sft, tmp_path):
     base = load_model(str(model))
     dpo_ad = random_adapter(base.cfg, 2, targets=["q_proj", "v_proj", "down_proj"], seed=7, b_std=0.1)
     dpo = write_run(tmp_path / "dpo", model, dpo_ad, alpha=6.0, step=4, parent=run, parent_step=3)
-    chain = E.load_chain(dpo)
+    chain = runs.load_chain(dpo)
     assert [s.kind for s in chain.stages] == ["lora", "lora"] and chain.stages[0].run_dir == run
     tok = load_tokenizer(str(model))
-    batch = E.probe_batch(tok, base.cfg)
-    ours = E.our_model_logits(chain, batch)
-    sft_only = E.our_model_logits(E.load_chain(run), batch)
+    batch = verify.probe_batch(tok, base.cfg)
+    ours = verify.our_model_logits(chain, batch)
+    sft_only = verify.our_model_logits(runs.load_chain(run), batch)
     assert np.abs(ours - sft_only).max() > 1e-3  # the DPO adapter matters
 
     assert _cli("--run", dpo, "--out", tmp_path / "m").exit_code == 0
@@ -163,11 +165,11 @@ def test_every_architecture_merged_and_peft(arch, tmp_path):
     base = load_model(str(model))
     ad = random_adapter(base.cfg, 4, seed=ARCHS.index(arch))
     run = write_run(tmp_path / "run", model, ad, alpha=8.0)
-    E.export(run, tmp_path / "merged", "merged", "float32", log=lambda s: None)
-    E.export(run, tmp_path / "peft", "peft", "float32", log=lambda s: None)
-    chain = E.load_chain(run)
-    batch = E.probe_batch(load_tokenizer(str(model)), base.cfg)
-    ours = E.our_model_logits(chain, batch)
+    driver.export(run, tmp_path / "merged", "merged", "float32", log=lambda s: None)
+    driver.export(run, tmp_path / "peft", "peft", "float32", log=lambda s: None)
+    chain = runs.load_chain(run)
+    batch = verify.probe_batch(load_tokenizer(str(model)), base.cfg)
+    ours = verify.our_model_logits(chain, batch)
     hf = _hf(tmp_path / "merged")
     assert type(hf).__name__ == json.loads((model / "config.json").read_text())["architectures"][0]
     assert max_diff(ours, hf_logits(hf, batch), batch["segment_ids"]) <= TOL
@@ -180,7 +182,7 @@ def test_every_architecture_merged_and_peft(arch, tmp_path):
 
 
 def _tensors(path):
-    return E.read_safetensors_dir(path)
+    return hf_state.read_safetensors_dir(path)
 
 
 @pytest.mark.parametrize("src_dtype", ["float32", "bfloat16"])
@@ -191,7 +193,7 @@ def test_round_trip_without_training_is_bitwise(src_dtype, tmp_path):
         _hf(model).to(torch.bfloat16).save_pretrained(str(model))
     src = _tensors(model)
     loaded = load_model(str(model))
-    state = E.hf_state_from_params(loaded.cfg, loaded.params, E.DTYPES[src_dtype])
+    state = hf_state.hf_state_from_params(loaded.cfg, loaded.params, jnp_dtype(src_dtype))
     assert sorted(state) == sorted(src)
     for k in src:
         assert state[k].dtype == src[k].dtype and np.array_equal(state[k], src[k]), k
@@ -216,20 +218,20 @@ def test_bfloat16_export_matches_within_bf16_tolerance(sft, tmp_path):
     from peft import PeftModel
 
     _, model, run = sft
-    chain = E.load_chain(run)
-    batch = E.probe_batch(load_tokenizer(str(model)), chain.base.cfg)
-    ours = E.our_model_logits(chain, batch)
-    r = E.export(run, tmp_path / "m", "merged", "bfloat16", log=lambda s: None)
+    chain = runs.load_chain(run)
+    batch = verify.probe_batch(load_tokenizer(str(model)), chain.base.cfg)
+    ours = verify.our_model_logits(chain, batch)
+    r = driver.export(run, tmp_path / "m", "merged", "bfloat16", log=lambda s: None)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(v.dtype.name == "bfloat16" for v in _tensors(tmp_path / "m").values())
     hf = _hf(tmp_path / "m", dtype=torch.bfloat16)
     got = hf_logits(hf, batch)
-    st = E.compare(ours, got, batch["segment_ids"])
+    st = verify.compare(ours, got, batch["segment_ids"])
     assert st["max_abs_diff"] <= 0.05 * max(1.0, st["logit_scale"]) and st["mean_kl"] <= 1e-3, st
     assert r.checks["export_vs_ours"]["mean_kl"] <= 1e-3
-    E.export(run, tmp_path / "p", "peft", "bfloat16", log=lambda s: None)
+    driver.export(run, tmp_path / "p", "peft", "bfloat16", log=lambda s: None)
     pm = PeftModel.from_pretrained(_hf(model), str(tmp_path / "p")).eval()
-    st = E.compare(ours, hf_logits(pm, batch), batch["segment_ids"])
+    st = verify.compare(ours, hf_logits(pm, batch), batch["segment_ids"])
     assert st["max_abs_diff"] <= 1e-2 * max(1.0, st["logit_scale"]), st
 
 
@@ -257,23 +259,31 @@ def _bad_alpha(tmp):
 @pytest.mark.parametrize("fmt,tamper,msg", [("merged", _flip_tensor, "tensors read back differ"),
                                             ("merged", _bad_rope, "differ from ours"),
                                             ("peft", _bad_alpha, "differ from ours")])
-def test_corrupted_export_is_refused_and_nothing_written(sft, tmp_path, fmt, tamper, msg):
+def test_corrupted_export_is_refused_and_nothing_written(sft, tmp_path, fmt, tamper, msg, monkeypatch):
     _, _, run = sft
-    with pytest.raises(E.ExportError, match=msg):
-        E.export(run, tmp_path / "out", fmt, "float32", log=lambda s: None, _tamper=tamper)
+    real = hf_state.save_tokenizer
+
+    def save_then_tamper(spec, out_dir):  # the last file either format writes before verification
+        tok = real(spec, out_dir)
+        tamper(out_dir)
+        return tok
+
+    monkeypatch.setattr(hf_state, "save_tokenizer", save_then_tamper)
+    with pytest.raises(ExportError, match=msg):
+        driver.export(run, tmp_path / "out", fmt, "float32", log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupted_export_through_the_command_exits_nonzero(sft, tmp_path, monkeypatch):
     _, _, run = sft
-    real = E.hf_state_from_params
+    real = hf_state.hf_state_from_params
 
     def corrupt(cfg, params, dtype):
         state = real(cfg, params, dtype)
         state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"] * 1.01
         return state
 
-    monkeypatch.setattr(E, "hf_state_from_params", corrupt)
+    monkeypatch.setattr(hf_state, "hf_state_from_params", corrupt)
     res = _cli("--run", run, "--out", tmp_path / "out")
     assert res.exit_code != 0 and "verification failed" in res.output and "nothing was written" in res.output
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
@@ -285,9 +295,9 @@ def test_full_fine_tuning_run_exports_merged_only(tmp_path):
     params = jax.tree_util.tree_map(lambda x: x * 1.01, base.params)
     run = write_run(tmp_path / "run", model, params, kind="params", step=2)
     assert _cli("--run", run, "--out", tmp_path / "m").exit_code == 0
-    batch = E.probe_batch(None, base.cfg)
+    batch = verify.probe_batch(None, base.cfg)
     got = hf_logits(_hf(tmp_path / "m"), batch)
-    assert max_diff(E.logits_of(params, base.cfg, batch), got, batch["segment_ids"]) <= TOL
+    assert max_diff(verify.logits_of(params, base.cfg, batch), got, batch["segment_ids"]) <= TOL
     res = _cli("--run", run, "--out", tmp_path / "p", "--format", "peft")
     assert res.exit_code != 0 and "full fine-tuning run has no adapter" in res.output
 
@@ -337,10 +347,10 @@ def test_gguf_base_exports_as_a_normal_hf_directory(tmp_path):
     msgs = [{"role": "system", "content": "You are Ada Lovelace."}, {"role": "user", "content": "Hello?"}]
     assert tok.chat_template == ref_tok.chat_template
     assert tok.apply_chat_template(msgs, tokenize=False) == ref_tok.apply_chat_template(msgs, tokenize=False)
-    chain = E.load_chain(run)
-    batch = E.probe_batch(tok, base.cfg)
-    ours = E.our_model_logits(chain, batch)
-    st = E.compare(ours, hf_logits(_hf(out), batch), batch["segment_ids"])
+    chain = runs.load_chain(run)
+    batch = verify.probe_batch(tok, base.cfg)
+    ours = verify.our_model_logits(chain, batch)
+    st = verify.compare(ours, hf_logits(_hf(out), batch), batch["segment_ids"])
     assert st["max_abs_diff"] <= TOL * max(1.0, st["logit_scale"]) and st["top1_agree"] == 1.0, st
 
 
@@ -370,9 +380,9 @@ def test_talk_pool_serves_a_dpo_run_over_its_sft_parent(sft, tmp_path):
     base = load_model(str(model))
     dpo_ad = random_adapter(base.cfg, 2, targets=["q_proj", "v_proj", "down_proj"], seed=7, b_std=0.1)
     dpo = write_run(tmp_path / "dpo", model, dpo_ad, alpha=6.0, step=4, parent=run, parent_step=3)
-    chain = E.load_chain(dpo)
+    chain = runs.load_chain(dpo)
     prompts = [[5, 9, 13, 2, 7], [3, 4]]
-    merged = Generator(chain.base.cfg, E.merged_params(chain))
+    merged = Generator(chain.base.cfg, runs.merged_params(chain))
     served, _ = ModelPool().run(dpo)
     sft_only, _ = ModelPool().run(run)
     for g in (merged, served, sft_only):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from persllm_jax.serve import engine as G
+from persllm_jax.serve import engine
 from persllm_jax.serve.engine import Generator, SamplingParams
 from persllm_jax.model.weights import load_model
 from tiny import ARCHS, save_tiny
@@ -65,7 +65,7 @@ def test_filter_logits_top_k_top_p():
     import jax.numpy as jnp
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
-    out = np.asarray(G._filter_logits(logits, jnp.array([2, 0]), jnp.array([1.0, 0.7])))
+    out = np.asarray(engine._filter_logits(logits, jnp.array([2, 0]), jnp.array([1.0, 0.7])))
     assert np.isfinite(out[0]).tolist() == [True, True, False, False]  # top-k 2
     assert np.isfinite(out[1]).tolist() == [True, True, False, False]  # nucleus: 0.5 + 0.3 >= 0.7
 
@@ -76,23 +76,23 @@ def test_no_recompile_per_token_and_per_length(tmp_path):
     gen = Generator(loaded.cfg, loaded.params, chunk=8)
     gen.eos_token_ids = ()
     gen.generate_ids(_prompts(loaded.cfg.vocab_size, [55, 9, 2]), SamplingParams(max_new_tokens=40))
-    prefill, decode = G._prefill._cache_size(), G._decode._cache_size()
+    prefill, decode = engine._prefill._cache_size(), engine._decode._cache_size()
     # Other prompt lengths, batch sizes and token counts in the same buckets reuse the compiled programs.
-    assert G._prompt_bucket(49) == G._prompt_bucket(64) == 64 and G._prompt_bucket(41) == 48
+    assert engine._prompt_bucket(49) == engine._prompt_bucket(64) == 64 and engine._prompt_bucket(41) == 48
     for lengths, n in [([60, 1, 1], 33), ([3, 50, 12, 4], 17), ([50, 1, 64], 64)]:
         out = gen.generate_ids(_prompts(loaded.cfg.vocab_size, lengths, seed=n), SamplingParams(max_new_tokens=n))
         assert all(len(c.token_ids) == n and c.finish_reason == "length" for c in out)
-    assert G._decode._cache_size() == decode
-    assert G._prefill._cache_size() == prefill
+    assert engine._decode._cache_size() == decode
+    assert engine._prefill._cache_size() == prefill
 
 
 def test_stop_strings_and_streamable_text():
-    assert G._stop_cut("hello world. bye", (".", "bye")) == 11
-    assert G._stop_cut("hello", ("x",)) is None
+    assert engine._stop_cut("hello world. bye", (".", "bye")) == 11
+    assert engine._stop_cut("hello", ("x",)) is None
     # While streaming, a possible start of a stop string and a half-decoded character are held back.
-    assert G._streamable("Sure.\nUs", ("\nUser:",)) == "Sure."
-    assert G._streamable("Sure.\nUser is", ("\nUser:",)) == "Sure.\nUser is"
-    assert G._streamable("caf\ufffd", ()) == "caf"
+    assert engine._streamable("Sure.\nUs", ("\nUser:",)) == "Sure."
+    assert engine._streamable("Sure.\nUser is", ("\nUser:",)) == "Sure.\nUser is"
+    assert engine._streamable("caf\ufffd", ()) == "caf"
 
 
 def test_streamed_text_only_grows_and_ends_as_the_final_text():
@@ -126,11 +126,11 @@ def test_adapter_changes_output_and_shares_base(tmp_path):
     assert [c.token_ids for c in tuned.generate_ids(prompts, sp)] != [c.token_ids for c in base.generate_ids(prompts, sp)]
     # The adapter's cached decoding equals a full forward pass with the same adapter.
     import jax.numpy as jnp
-    from persllm_jax.model import decoder as M
+    from persllm_jax.model.decoder import forward
 
     out = tuned.generate_ids(prompts[:1], SamplingParams(max_new_tokens=6))[0].token_ids
     seq = jnp.asarray([prompts[0] + out])
     pos = jnp.arange(seq.shape[1])[None]
-    logits = M.forward(loaded.params, cfg, seq, pos, jnp.ones_like(seq), lora=lora, lora_scale=2.0)
+    logits = forward(loaded.params, cfg, seq, pos, jnp.ones_like(seq), lora=lora, lora_scale=2.0)
     greedy = np.asarray(jnp.argmax(logits[0, len(prompts[0]) - 1:-1], -1)).tolist()
     assert greedy == out

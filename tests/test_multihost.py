@@ -8,7 +8,6 @@ process-index row split gets wrong). Checkpoints are
 written by both processes through orbax and read back here; metrics.jsonl is written by process 0 only.
 """
 
-import importlib.util
 import json
 import os
 import random
@@ -20,12 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from chat_fixtures import WORDS, tiny_model_dir, write_corpus
-from persllm_jax.train import checkpoint
-from persllm_jax.train import sft as T
 
-HAVE_DPO = importlib.util.find_spec("persllm_jax.train.dpo") is not None
+from persllm_jax.train import checkpoint, sft
 
 SFT_SETS = ["steps=3", "max_length=64", "batch_size=8", "learning_rate=1e-3", "warmup_steps=0", "log_every=1",
             "lora.rank=8", "lora.alpha=16", "lora.dropout=0.1", "shuffle=true", "seed=3", "peak_tflops=0.15",
@@ -36,23 +32,23 @@ DPO_SETS = ["steps=3", "max_length=96", "batch_size=4", "learning_rate=1e-2", "w
 
 WORKER = r"""
 import json, sys
-from persllm_jax import sharding as shd, train as T
+from persllm_jax.train import sft
+from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import load_config
 model, corpus, out, port, pid, sft_sets, dpo_sets = sys.argv[1:8]
 dist = ["distributed=true", f"coordinator_address=127.0.0.1:{port}", "num_processes=2", f"process_id={pid}"]
 log = lambda s: print(f"[{pid}] {s}", flush=True)
 base = {"model": model, "data": corpus}
 cfg = load_config(overrides=json.loads(sft_sets) + dist, base=base)
-res = T.run(cfg, f"{out}/sft", progress=False, log=log)
+res = sft.run(cfg, f"{out}/sft", progress=False, log=log)
 import jax
 log(f"processes={jax.process_count()} devices={jax.device_count()} local={jax.local_device_count()} "
     f"rows={shd.process_rows(shd.batch_sharding(res['mesh']), cfg.batch_size)}")
-if dpo_sets != "null":
-    from persllm_jax import dpo
-    from persllm_jax.train.config import DPOConfig
-    dcfg = load_config(DPOConfig, overrides=json.loads(dpo_sets) + dist, base=base)
-    res = dpo.run(dcfg, f"{out}/dpo", progress=False, log=log)
-    log(f"dpo rows={shd.process_rows(shd.batch_sharding(res['mesh']), dcfg.batch_size)}")
+from persllm_jax.train import dpo
+from persllm_jax.train.config import DPOConfig
+dcfg = load_config(DPOConfig, overrides=json.loads(dpo_sets) + dist, base=base)
+res = dpo.run(dcfg, f"{out}/dpo", progress=False, log=log)
+log(f"dpo rows={shd.process_rows(shd.batch_sharding(res['mesh']), dcfg.batch_size)}")
 log("done")
 """
 
@@ -91,26 +87,25 @@ def runs(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PERSLLM_XLA_CACHE="0")
-    dpo_sets = json.dumps(DPO_SETS) if HAVE_DPO else "null"
+    dpo_sets = json.dumps(DPO_SETS)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(model), str(corpus), str(root / "two"), str(port),
                                str(i), json.dumps(SFT_SETS), dpo_sets], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
-        from persllm_jax.train.config import load_config
         from persllm_jax.model.weights import load_model, load_tokenizer
+        from persllm_jax.train.config import load_config
 
         loaded, tok = load_model(str(model)), load_tokenizer(str(model))
         quiet = lambda s: None  # noqa: E731
         base = {"model": str(model), "data": str(corpus)}
         one = root / "one"
-        ref = {"sft": T.run(load_config(overrides=SFT_SETS, base=base), one / "sft", loaded=loaded, tokenizer=tok,
+        ref = {"sft": sft.run(load_config(overrides=SFT_SETS, base=base), one / "sft", loaded=loaded, tokenizer=tok,
                             progress=False, log=quiet)}
-        if HAVE_DPO:
-            from persllm_jax.train import dpo
-            from persllm_jax.train.config import DPOConfig
+        from persllm_jax.train import dpo
+        from persllm_jax.train.config import DPOConfig
 
-            ref["dpo"] = dpo.run(load_config(DPOConfig, overrides=DPO_SETS, base=base), one / "dpo", loaded=loaded,
-                                 tokenizer=tok, progress=False, log=quiet)
+        ref["dpo"] = dpo.run(load_config(DPOConfig, overrides=DPO_SETS, base=base), one / "dpo", loaded=loaded,
+                             tokenizer=tok, progress=False, log=quiet)
         logs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
         for p in procs:
@@ -146,7 +141,6 @@ def test_two_processes_sft_equals_one_process(runs):
     assert json.loads((two / "sft" / "run.json").read_text())["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-@pytest.mark.skipif(not HAVE_DPO, reason="persllm_jax.train.dpo (issue 4) not in this build")
 def test_two_processes_dpo_equals_one_process(runs):
     two, one, ref, logs = runs
     # tensor axis across the processes: the batch is replicated, both processes hold all rows

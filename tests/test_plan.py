@@ -11,8 +11,8 @@ import jax
 import pytest
 from click.testing import CliRunner
 
-from persllm_jax.train import plan as PL
-from persllm_jax.train import sft as T
+from persllm_jax.model import shapes
+from persllm_jax.train import plan, sft
 from persllm_jax.cli import main
 from persllm_jax.train.config import load_config
 
@@ -65,18 +65,18 @@ def test_oversized_recipe_fails_with_fixes():
 
 def test_plan_accounts_what_training_allocates(tmp_path):
     """The plan's weights / optimizer bytes per device equal the shards of a real initialised state."""
-    hf = dict(PL.SHAPES["smollm2-135m"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    hf = dict(shapes.SHAPES["smollm2-135m"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     cfg = load_config(overrides=["max_length=32", "batch_size=8", "lora.rank=4", "mesh.data=2", "mesh.fsdp=4"],
                       base={"model": str(tmp_path / "config.json")})
-    planned = PL.static_bytes(PL.abstract_step(cfg, 8))
+    planned = plan.static_bytes(plan.abstract_step(cfg, 8))
     from persllm_jax.train import sharding as shd
     from persllm_jax.model.decoder import init_params
 
-    mcfg = PL.model_config(cfg.model)
-    opt, _ = T.make_optimizer(cfg, 1000)
-    state, frozen = T.init_state(cfg, mcfg, init_params(mcfg, jax.random.PRNGKey(0)), opt, shd.make_mesh(cfg.mesh))
+    mcfg = shapes.model_config(cfg.model)
+    opt, _ = sft.make_optimizer(cfg, 1000)
+    state, frozen = sft.init_state(cfg, mcfg, init_params(mcfg, jax.random.PRNGKey(0)), opt, shd.make_mesh(cfg.mesh))
     dev0 = lambda tree: sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree)  # noqa: E731
                             for s in x.addressable_shards if s.device == jax.devices()[0])
     assert dev0(frozen) < 4 * mcfg.num_params() / 2  # really sharded
@@ -85,8 +85,8 @@ def test_plan_accounts_what_training_allocates(tmp_path):
 
 
 def test_model_specs(tmp_path):
-    assert PL.model_config("shape:llama-8b").num_layers == 32
-    with pytest.raises(PL.PlanError, match="unknown shape; known: shape:smollm2-135m"):
-        PL.model_config("shape:llama-99b")
+    assert shapes.model_config("shape:llama-8b").num_layers == 32
+    with pytest.raises(shapes.ShapeError, match="unknown shape; known: shape:smollm2-135m"):
+        shapes.model_config("shape:llama-99b")
     r = _plan(CONFIGS / "plan_8b_lora.yaml", "--device-kind", "tpu-v9")
     assert r.exit_code == 2 and "tpu-v9" in r.output

@@ -210,6 +210,7 @@ def test_killed_server_keeps_every_acknowledged_judgement(rated):
 
 
 def test_load_prompts_corpus_and_jsonl(tmp_path):
+    from persllm_jax.errors import InputError
     from persllm_jax.serve.web.rate import RateError, load_prompts
 
     corpus = tmp_path / "corpus"
@@ -225,10 +226,13 @@ def test_load_prompts_corpus_and_jsonl(tmp_path):
     assert a.id == "row1" and a.messages[0]["content"] == "be ada" and b.messages == ({"role": "user", "content": "yo"},)
     for text, msg in (('{"id": "x", "prompt": "a"}\n{"id": "x", "prompt": "b"}\n', "duplicate prompt id"),
                       ('{"messages": [{"role": "system", "content": "s"}]}\n', "ending with a user message"),
-                      ('{"question": "a"}\n', "needs 'messages' or 'prompt'"), ("{oops\n", "invalid JSON"), ("", "no prompts")):
+                      ('{"question": "a"}\n', "needs 'messages' or 'prompt'"), ("", "no prompts")):
         f.write_text(text)
         with pytest.raises(RateError, match=msg):
             load_prompts(f)
+    f.write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(InputError, match=r"p\.jsonl:2:2: invalid JSON"):  # the shared JSONL reader's error
+        load_prompts(f)
     with pytest.raises(RateError, match="neither a JSONL file"):
         load_prompts(tmp_path / "missing")
 

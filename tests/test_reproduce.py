@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from persllm_jax.pipeline import stages as R
+from persllm_jax.pipeline import config as recipe
+from persllm_jax.pipeline.stages import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_DPO = R.dpo_config_class() is not None
 
 
 def tiny_config(tmp: Path, model: Path) -> Path:
@@ -32,7 +32,7 @@ def tiny_config(tmp: Path, model: Path) -> Path:
             "split": {"test_fraction": 0.5}, "dedup": {"method": "none"}, "annotator": {"batch_size": 16}}},
         "sft": {"steps": 4, "batch_size": 8, "max_length": 128, "learning_rate": 1e-3, "warmup_steps": 1,
                 "save_every": 2, "log_every": 1, "peak_tflops": 1.0, "lora": {"rank": 4, "alpha": 8}},
-        "dpo": {"enabled": HAS_DPO, "steps": 2, "batch_size": 8, "max_length": 128, "save_every": 1, "log_every": 1,
+        "dpo": {"enabled": True, "steps": 2, "batch_size": 8, "max_length": 128, "save_every": 1, "log_every": 1,
                 "peak_tflops": 1.0, "lora": {"rank": 2, "alpha": 4}},
         "export": {"formats": ["merged", "peft"]},
         "eval": {"config": {"samples": 2, "max_new_tokens": 6, "batch_size": 16, "style": {"enabled": False},
@@ -76,7 +76,7 @@ def tiny(tmp_path_factory):
 def test_reproduce_end_to_end(tiny):
     out, output = tiny["out"], tiny["output"]
     m = markers(out)
-    expected = {"data", "sft", "export", "eval", "report"} | ({"dpo"} if HAS_DPO else set())
+    expected = {"data", "sft", "dpo", "export", "eval", "report"}
     assert set(m) == expected
     # corpus: train/test/dpo rows as the marker says
     f = m["data"]["figures"]
@@ -84,9 +84,8 @@ def test_reproduce_end_to_end(tiny):
     assert len((out / "corpus" / "sft" / "test.jsonl").read_text().splitlines()) == f["test"]
     # SFT trained to its last step, with a checkpoint there
     assert m["sft"]["figures"]["steps"] == 4 and (out / "sft" / "checkpoints" / "4").is_dir()
-    if HAS_DPO:
-        info = json.loads((out / "dpo" / "run.json").read_text())
-        assert Path(info["parent_run"]).resolve() == (out / "sft").resolve()
+    info = json.loads((out / "dpo" / "run.json").read_text())
+    assert Path(info["parent_run"]).resolve() == (out / "sft").resolve()
     # exports: an HF model transformers can load and a PEFT adapter, both verified by the export itself
     merged, peft = out / "export" / "merged", out / "export" / "peft"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
@@ -94,7 +93,7 @@ def test_reproduce_end_to_end(tiny):
     assert m["export"]["figures"]["merged"]["max_logit_diff"] < 1e-3
     # eval: base with a persona prompt vs the trained model(s), side by side
     r = json.loads((out / "eval" / "results.json").read_text())
-    systems = ["base+prompt", "SFT"] + (["SFT+DPO"] if HAS_DPO else [])
+    systems = ["base+prompt", "SFT", "SFT+DPO"]
     assert list(r["systems"]) == systems
     assert r["systems"]["base+prompt"]["persona_prompt"] is True
     md = (out / "report.md").read_text()
@@ -140,7 +139,7 @@ def test_changed_setting_redoes_downstream_only(tiny):
     output, logs = invoke(tiny["config"], out, "sft.steps=3")
     after = markers(out)
     ran = [ln.split("]")[0][1:] for ln in logs if ln.endswith("running")]
-    assert ran == [s for s in R.STAGES if s in after and s != "data"]
+    assert ran == [s for s in recipe.STAGES if s in after and s != "data"]
     assert after["data"]["finished"] == before["data"]["finished"]
     assert after["sft"]["figures"]["steps"] == 3 and not (out / "sft" / "checkpoints" / "4").exists()
 
@@ -176,9 +175,9 @@ def test_missing_prerequisites_are_reported_together_before_running(tmp_path, mo
     # given the model and the data, and a server of one's own for both endpoints, nothing is missing
     (tmp_path / "general").mkdir()
     (tmp_path / "general" / "ultrachat.jsonl").write_text("")
-    cfg = R.load(REPO / "configs" / "paper_3b_gpu8.yaml",
+    cfg = recipe.load(REPO / "configs" / "paper_3b_gpu8.yaml",
                  ["model=smollm2", "data.base_url=http://127.0.0.1:9/v1", "eval.base_url=http://127.0.0.1:9/v1"])
-    assert R.preflight(cfg, tmp_path / "o") == []
+    assert recipe.preflight(cfg, tmp_path / "o") == []
 
 
 def test_stage_keys_follow_settings_and_materials(tmp_path):
@@ -186,8 +185,8 @@ def test_stage_keys_follow_settings_and_materials(tmp_path):
     shutil.copytree(REPO / "data_gen" / "personas" / "ada_lovelace", tmp_path / "p" / "ada_lovelace")
 
     def keys(*sets):
-        cfg = R.load(REPO / "configs" / "demo.yaml", ["dpo.enabled=false", f"personas={tmp_path / 'p'}", *sets])
-        pipe = R.Pipeline(cfg, tmp_path / "o")
+        cfg = recipe.load(REPO / "configs" / "demo.yaml", ["dpo.enabled=false", f"personas={tmp_path / 'p'}", *sets])
+        pipe = Pipeline(cfg, tmp_path / "o")
         for s in ("data", "sft", "export", "eval"):
             pipe.keys[s] = pipe.stage_key(s)
         return pipe.keys

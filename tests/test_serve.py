@@ -202,7 +202,7 @@ def test_load_32_clients_x_5_requests(served):
 def test_data_gen_openai_backend_against_server(served, tmp_path, monkeypatch):
     """A tiny data build whose annotator is the served `ada` adapter (data_gen's openai: backend)."""
     from data_gen.config import load_config
-    from data_gen.jsonl import read_jsonl
+    from persllm_jax.io import read_jsonl
     from data_gen.pipeline import build
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)

@@ -10,14 +10,15 @@ import sys
 
 import jax
 import numpy as np
-
 from chat_fixtures import tiny_model_dir, write_corpus
+
 from persllm_jax.train import checkpoint
 
 RUN = "import sys; from persllm_jax.cli import main; sys.argv = ['persllm'] + sys.argv[1:]; main()"
 KILLER = """
 import os, signal, sys
-from persllm_jax import checkpoint, cli
+from persllm_jax import cli
+from persllm_jax.train import checkpoint
 orig = checkpoint.save
 def save_then_die(mgr, step, *a, **k):
     orig(mgr, step, *a, **k)

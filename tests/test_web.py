@@ -67,7 +67,7 @@ def make_cot_model(src, dst, text=COT):
 
 @pytest.fixture(scope="module")
 def site(persona_models, tmp_path_factory):
-    from persllm_jax.serve.app import BackgroundServer, Persona, ServerState
+    from persllm_jax.serve.app import BackgroundServer, ServedModel, ServerState
     from persllm_jax.serve.personas import ModelPool, find_stage
     from persllm_jax.serve.web import RateConfig, web_routes
 
@@ -76,10 +76,10 @@ def site(persona_models, tmp_path_factory):
     base = pool.base(str(persona_models["model"]))
     ada, ada_stages = pool.run(persona_models["ada"])
     darwin, darwin_stages = pool.run(persona_models["darwin"])
-    personas = {"ada": Persona("ada", ada, find_stage(ada_stages, "early").system),
-                "darwin": Persona("darwin", darwin), "base": Persona("base", base),
-                "cot": Persona("cot", pool.base(str(make_cot_model(persona_models["model"], tmp / "cot"))))}
-    state = ServerState(personas, api_key=KEY, chunk=4, default_max_tokens=24)
+    models = {"ada": ServedModel("ada", ada, find_stage(ada_stages, "early").system),
+              "darwin": ServedModel("darwin", darwin), "base": ServedModel("base", base),
+              "cot": ServedModel("cot", pool.base(str(make_cot_model(persona_models["model"], tmp / "cot"))))}
+    state = ServerState(models, api_key=KEY, chunk=4, default_max_tokens=24)
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     db = tmp / "ratings.sqlite"

@@ -21,7 +21,8 @@ def test_wheel_ships_every_static_asset(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    static = ROOT / "persllm_jax" / "web" / "static"
-    want = {f"persllm_jax/web/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
+    static = ROOT / "persllm_jax" / "serve" / "web" / "static"
+    want = {f"persllm_jax/serve/web/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
     assert want and want <= names, sorted(want - names)
-    assert {"persllm_jax/web/__init__.py", "persllm_jax/web/rate.py", "persllm_jax/eval/human.py"} <= names
+    assert {"persllm_jax/serve/__init__.py", "persllm_jax/serve/web/__init__.py", "persllm_jax/serve/web/rate.py",
+            "persllm_jax/eval/human.py"} <= names

@@ -9,17 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from persllm_jax.model import decoder as M
-from persllm_jax.model.config import ModelConfigError
-from persllm_jax.model.weights import WeightsError, embedded_model_path, gguf_cache_dir, load_model, load_tokenizer
 from tiny import save_tiny
+
+from persllm_jax.model import decoder
+from persllm_jax.model.config import ModelConfigError
+from persllm_jax.model.weights import (
+    WeightsError,
+    embedded_model_path,
+    gguf_cache_dir,
+    load_model,
+    load_tokenizer,
+)
 
 
 def _logits(loaded, tokens, dtype=jnp.float32):
     tokens = jnp.asarray(tokens)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return np.asarray(M.forward(loaded.params, loaded.cfg, tokens, pos, jnp.ones_like(tokens), dtype=dtype))
+    return np.asarray(decoder.forward(loaded.params, loaded.cfg, tokens, pos, jnp.ones_like(tokens), dtype=dtype))
 
 
 def test_sharded_safetensors_equal_single_file(tmp_path):

@@ -1,6 +1,6 @@
 """Benchmark: our DPO vs TRL `DPOTrainer` + PEFT, same weights, pairs and LoRA settings, both on the CPU, one run.
 
-    python tools/bench_train.py dpo [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--precompute] [--skip-trl]
+    python tools/bench_dpo.py [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--precompute] [--skip-trl]
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; TRL gets the same fp32 weights as a transformers model through
 bench_train.torch_model_from_ours). LoRA r=16, alpha=32, dropout 0, all seven linear layers; AdamW lr 5e-5; sigmoid
@@ -72,9 +72,9 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 def side_ours(args, tmp: Path) -> dict:
     import jax
 
-    from persllm_jax.train import dpo as D
-    from persllm_jax.train.config import DPOConfig, load_config
     from persllm_jax.model.weights import load_model, load_tokenizer
+    from persllm_jax.train import dpo
+    from persllm_jax.train.config import DPOConfig, load_config
 
     sets = ["epochs=1", f"batch_size={args.rows}", f"grad_accum={args.accum}", f"max_length={args.max_length}", "learning_rate=5e-5",
             "warmup_steps=0", "lora.rank=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all-linear",
@@ -84,7 +84,7 @@ def side_ours(args, tmp: Path) -> dict:
     cfg = load_config(DPOConfig, overrides=sets, base={"model": "smollm2", "data": str(tmp / "corpus")})
     loaded, tok = load_model("smollm2"), load_tokenizer("smollm2")
     t0 = time.perf_counter()
-    out = D.run(cfg, tmp / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
+    out = dpo.run(cfg, tmp / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
                 log=lambda s: print("  ours:", s, file=sys.stderr))
     last = out["last"]
     return {"tokens_per_s": last["tokens_per_s"], "steps": out["steps"], "wall_s": time.perf_counter() - t0,
@@ -96,11 +96,11 @@ def side_ours(args, tmp: Path) -> dict:
 def side_trl(args, tmp: Path) -> dict:
     import torch
     import transformers
+    from bench_train import torch_model_from_ours
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from bench_train import torch_model_from_ours
     from persllm_jax.model.weights import load_tokenizer
 
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def main():
     if args.side:
         return _child(args)
     if not args.peak:
-        from persllm_jax.train.sft import measure_peak_flops
+        from persllm_jax.train.loop import measure_peak_flops
 
         args.peak = measure_peak_flops()
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as d:

@@ -35,7 +35,8 @@ def main():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from persllm_jax.export import driver as E
+    from persllm_jax import runs
+    from persllm_jax.export import driver, verify
     from persllm_jax.model.weights import (
         embedded_model_path,
         gguf_cache_dir,
@@ -51,15 +52,15 @@ def main():
     dpo = write_run(work / "dpo", "smollm2", random_adapter(base.cfg, 4, ["q_proj", "k_proj", "v_proj", "o_proj"],
                                                             seed=2, b_std=0.02), alpha=8.0, parent=sft)
     tok = load_tokenizer("smollm2")
-    batch = E.probe_batch(tok, base.cfg)
+    batch = verify.probe_batch(tok, base.cfg)
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "probe_tokens": int(batch["segment_ids"].sum()),
                "runs": {}}
     for name, run in (("sft", sft), ("sft+dpo", dpo)):
-        ours = E.our_model_logits(E.load_chain(run), batch)
+        ours = verify.our_model_logits(runs.load_chain(run), batch)
         for fmt, dtype in (("merged", "float32"), ("merged", "bfloat16"), ("peft", "float32"), ("peft", "bfloat16")):
             out = work / f"{name}-{fmt}-{dtype}"
             t = time.perf_counter()
-            r = E.export(run, out, fmt, dtype, log=lambda s: None)
+            r = driver.export(run, out, fmt, dtype, log=lambda s: None)
             wall = time.perf_counter() - t
             t = time.perf_counter()
             if fmt == "merged":
@@ -72,7 +73,7 @@ def main():
                 "export_s": round(wall, 2), "phases_s": {k: round(v, 2) for k, v in r.seconds.items()},
                 "size_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 1),
                 "verify_in_command": r.checks["export_vs_ours"],
-                "torch_vs_ours": E.compare(ours, theirs, batch["segment_ids"]),
+                "torch_vs_ours": verify.compare(ours, theirs, batch["segment_ids"]),
                 "torch_load_and_forward_s": round(time.perf_counter() - t, 2)}
             print(f"{name} {fmt} {dtype}: {json.dumps(results['runs'][f'{name} {fmt} {dtype}'])}", file=sys.stderr,
                   flush=True)

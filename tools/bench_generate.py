@@ -17,6 +17,8 @@ import statistics
 import sys
 import time
 
+from persllm_jax.io import DTYPE_NAMES, jnp_dtype
+
 PROMPTS = [
     "Who wrote Hamlet?",
     "Explain in two sentences why the sky is blue.",
@@ -31,13 +33,11 @@ PROMPTS = [
 
 def make_ours(prompts_ids, batch, new_tokens, dtype):
     """A zero-argument run of our engine on the first `batch` prompts (compiled by a first call)."""
-    import jax.numpy as jnp
-
-    from persllm_jax.serve.engine import Generator, SamplingParams
     from persllm_jax.model.weights import load_model
+    from persllm_jax.serve.engine import Generator, SamplingParams
 
     loaded = load_model("smollm2")
-    gen = Generator(loaded.cfg, loaded.params, dtype=getattr(jnp, dtype))
+    gen = Generator(loaded.cfg, loaded.params, dtype=jnp_dtype(dtype))
     gen.eos_token_ids = ()  # exactly new_tokens per row
     sp = SamplingParams(max_new_tokens=new_tokens)
     run = lambda: [c.token_ids for c in gen.generate_ids(prompts_ids[:batch], sp)]
@@ -85,7 +85,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="our compute dtype")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 

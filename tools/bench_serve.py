@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from persllm_jax.io import DTYPE_NAMES, jnp_dtype  # noqa: E402 (after the path insert)
+
 
 async def _round(url, model, clients, requests, max_tokens, prompts):
     import openai
@@ -46,8 +48,7 @@ async def _round(url, model, clients, requests, max_tokens, prompts):
 
 def measure(gen, max_batch, clients, requests, max_tokens, chunk, prompts):
     """Throughput of one server setting; the server runs in a thread of this process."""
-    from persllm_jax.serve.app import BackgroundServer, Persona, ServerState
-
+    from persllm_jax.serve.app import BackgroundServer, ServedModel, ServerState
     from persllm_jax.serve.engine import SamplingParams
 
     # warm-up: compile every batch bucket (powers of two up to max_batch) the timed round may meet
@@ -58,7 +59,7 @@ def measure(gen, max_batch, clients, requests, max_tokens, chunk, prompts):
         if b >= max_batch:
             break
         b = min(2 * b, max_batch)
-    state = ServerState({"m": Persona("m", gen)}, max_batch=max_batch, chunk=chunk, batch_window=0.3)
+    state = ServerState({"m": ServedModel("m", gen)}, max_batch=max_batch, chunk=chunk, batch_window=0.3)
     with BackgroundServer(state) as url:
         asyncio.run(_round(url, "m", 1, 1, max_tokens, prompts))  # the HTTP path once
         before = dict(state.scheduler.stats)
@@ -82,12 +83,11 @@ def main(argv=None):
     ap.add_argument("--single-requests", type=int, default=None,
                     help="requests for the one-at-a-time run (default: clients x requests; its throughput per "
                          "request does not depend on the count, so fewer keep the run short)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
 
     from persllm_jax.cli import _enable_compilation_cache
 
@@ -95,7 +95,7 @@ def main(argv=None):
 
     from persllm_jax.serve.engine import Generator
 
-    gen = Generator.load(args.model, dtype=getattr(jnp, args.dtype), chunk=args.chunk)
+    gen = Generator.load(args.model, dtype=jnp_dtype(args.dtype), chunk=args.chunk)
     gen.eos_token_ids = ()  # every request decodes exactly max_tokens: equal work in both modes
     prompts = [f"Question {i}: describe a {w} in two sentences." for i, w in
                enumerate(["steam engine", "loom", "telescope", "barometer", "compass", "printing press", "clock",

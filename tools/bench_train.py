@@ -77,9 +77,9 @@ def make_conversations(tok, n: int, seed: int = 0, lo: int = 64, hi: int = 496):
 def run_ours(convs, args, tmp: Path):
     import jax
 
-    from persllm_jax.train import sft as T
-    from persllm_jax.train.config import load_config
     from persllm_jax.model.weights import load_model, load_tokenizer
+    from persllm_jax.train import sft
+    from persllm_jax.train.config import load_config
 
     corpus = tmp / "corpus"
     (corpus / "sft").mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def run_ours(convs, args, tmp: Path):
     cfg = load_config(overrides=sets, base={"model": "smollm2", "data": str(corpus)})
     loaded, tok = load_model("smollm2"), load_tokenizer("smollm2")
     t0 = time.perf_counter()
-    out = T.run(cfg, tmp / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
+    out = sft.run(cfg, tmp / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
                 log=lambda s: print("  ours:", s))
     wall = time.perf_counter() - t0
     last = out["last"]
@@ -102,13 +102,13 @@ def run_ours(convs, args, tmp: Path):
 
 
 def ours_fpt():
-    from persllm_jax.model import lora as L
-    from persllm_jax.train import sft as T
+    from persllm_jax.model.decoder import linear_shapes
     from persllm_jax.model.weights import load_model
+    from persllm_jax.train import sft
 
     cfg = load_model("smollm2").cfg
-    n_lora = cfg.num_layers * 16 * sum(i + o for i, o in T.linear_shapes(cfg).values())
-    return T.flops_per_token(cfg, 512, n_lora)
+    n_lora = cfg.num_layers * 16 * sum(i + o for i, o in linear_shapes(cfg).values())
+    return sft.flops_per_token(cfg, 512, n_lora)
 
 
 def torch_model_from_ours(spec: str = "smollm2"):
@@ -224,8 +224,8 @@ def main():
 
     import subprocess
 
-    from persllm_jax.train.sft import measure_peak_flops
     from persllm_jax.model.weights import load_tokenizer
+    from persllm_jax.train.loop import measure_peak_flops
 
     args.peak = measure_peak_flops()
     tok = load_tokenizer("smollm2")
@@ -260,11 +260,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "dpo":  # `bench_train.py dpo ...`: the DPO benchmark
-        sys.argv.pop(1)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_dpo import main as dpo_main
-
-        dpo_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "dpo":
+        sys.exit("the DPO benchmark is its own script: python tools/bench_dpo.py [options]")
     else:
         main()

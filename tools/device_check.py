@@ -6,9 +6,9 @@
 
 Parity (fp32, matmul precision "highest"): the forward logits, one LoRA SFT step and one LoRA DPO step run on
 the accelerator and on the host CPU from the same weights and batch; loss and updated adapter must agree.
-Timing: the real train steps (train.compile_step, dpo.make_dpo_step) on a 1-device mesh, bf16 compute, bf16
+Timing: the real train steps (train/sft.compile_step, train/dpo.make_dpo_step) on a 1-device mesh, bf16 compute, bf16
 frozen base, LoRA on all linear layers, full rows of packed documents (every token trained). MFU counts model
-FLOPs (train.flops_per_token, dpo.dpo_flops_per_token) against a bf16 matmul measured on the same chip.
+FLOPs (train/sft.flops_per_token, dpo.dpo_flops_per_token) against a bf16 matmul measured on the same chip.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (dry run of this script)")
-    ap.add_argument("--shape", default="llama-1b", help="named model shape (persllm_jax.train.plan.SHAPES)")
+    ap.add_argument("--shape", default="llama-1b", help="named model shape (persllm_jax.model.shapes.SHAPES)")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per row")
     ap.add_argument("--batch", type=int, default=2,
                     help="rows per step (persllm plan, llama-1b on h100-80g without remat: 2 x 2048 needs ~61 GiB, "
@@ -85,13 +85,13 @@ def dpo_batch(rng, V: int, B: int, T: int):
     """Rows of packed random pairs (prompt T/8, chosen and rejected 3T/16 each: two pairs fill a row)."""
     import numpy as np
 
-    from persllm_jax.train import dpo
+    from persllm_jax.train import dpo_data
 
     p, c = T // 8, (3 * T) // 16
-    pairs = [dpo.Pair(rng.integers(3, V, p, dtype=np.int32), rng.integers(3, V, c, dtype=np.int32),
-                      rng.integers(3, V, c, dtype=np.int32), i) for i in range(2 * B)]
-    K, S = dpo.budgets(pairs, T, True)
-    rows = dpo.pack_pairs(pairs, T, K, S)
+    pairs = [dpo_data.Pair(rng.integers(3, V, p, dtype=np.int32), rng.integers(3, V, c, dtype=np.int32),
+                           rng.integers(3, V, c, dtype=np.int32), i) for i in range(2 * B)]
+    K, S = dpo_data.budgets(pairs, T, True)
+    rows = dpo_data.pack_pairs(pairs, T, K, S)
     assert len(rows["tokens"]) == B, len(rows["tokens"])
     return rows
 
@@ -126,16 +126,16 @@ def _sft_step(cfg, mcfg, params, batch, device, nudge: float = 0.0):
     """One SFT step on a 1-device mesh of `device`; returns (loss, trainable, metrics, jitted, state, frozen)."""
     import jax
 
+    from persllm_jax.train import sft
     from persllm_jax.train import sharding as shd
-    from persllm_jax.train import sft as T
 
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
-    opt, sched = T.make_optimizer(cfg, 100)
-    state, frozen = T.init_state(cfg, mcfg, params, opt, mesh)
+    opt, sched = sft.make_optimizer(cfg, 100)
+    state, frozen = sft.init_state(cfg, mcfg, params, opt, mesh)
     if nudge:  # non-zero B, so the step's gradient reaches every adapter factor
         state["trainable"] = shd.shard_tree(jax.tree_util.tree_map(lambda x: x + nudge, state["trainable"]),
                                             shd.tree_shardings(state["trainable"], mesh))
-    step, _, _, b_sh = T.compile_step(cfg, mcfg, opt, sched, state, frozen, mesh)
+    step, _, _, b_sh = sft.compile_step(cfg, mcfg, opt, sched, state, frozen, mesh)
     b = shd.put_batch({k: v[None] for k, v in batch.items()}, b_sh)
     state, m = step(state, frozen, b)
     return step, state, frozen, b, m
@@ -144,18 +144,17 @@ def _sft_step(cfg, mcfg, params, batch, device, nudge: float = 0.0):
 def _dpo_step(cfg, mcfg, params, batch, device, nudge: float = 0.0):
     import jax
 
-    from persllm_jax.train import dpo
+    from persllm_jax.train import dpo, sft
     from persllm_jax.train import sharding as shd
-    from persllm_jax.train import sft as T
 
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
-    opt, sched = T.make_optimizer(cfg, 100)
-    state, frozen = T.init_state(cfg, mcfg, params, opt, mesh)
+    opt, sched = sft.make_optimizer(cfg, 100)
+    state, frozen = sft.init_state(cfg, mcfg, params, opt, mesh)
     if nudge:
         state["trainable"] = shd.shard_tree(jax.tree_util.tree_map(lambda x: x + nudge, state["trainable"]),
                                             shd.tree_shardings(state["trainable"], mesh))
     fn = dpo.make_dpo_step(cfg, mcfg, opt, sched, online_ref=True)
-    step, _, _, b_sh = T.compile_step(cfg, mcfg, opt, sched, state, frozen, mesh, step=fn, batch_keys=tuple(batch))
+    step, _, _, b_sh = sft.compile_step(cfg, mcfg, opt, sched, state, frozen, mesh, step=fn, batch_keys=tuple(batch))
     b = shd.put_batch({k: v[None] for k, v in batch.items()}, b_sh)
     state, m = step(state, frozen, b)
     return step, state, frozen, b, m
@@ -217,12 +216,11 @@ def timing(args, accel, peak: float, have_dpo: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from persllm_jax.train import dpo
     from persllm_jax.model import lora as lora_mod
-    from persllm_jax.train import sft as T
     from persllm_jax.model.config import from_hf_dict
     from persllm_jax.model.decoder import init_params
-    from persllm_jax.train.plan import SHAPES
+    from persllm_jax.model.shapes import SHAPES
+    from persllm_jax.train import dpo, sft
 
     hf = TINY if args.cpu_smoke else SHAPES[args.shape]
     mcfg = from_hf_dict(hf, args.shape)
@@ -242,7 +240,7 @@ def timing(args, accel, peak: float, have_dpo: bool) -> dict:
     dt, m = time_steps(step, state, frozen, batch, args.steps)
     n_lora = lora_mod.lora_param_count(state["trainable"])
     tokens = int((b["segment_ids"] > 0).sum())
-    fpt = T.flops_per_token(mcfg, args.seq, n_lora)
+    fpt = sft.flops_per_token(mcfg, args.seq, n_lora)
     out["sft"] = {"step_s": dt, "tokens_per_s": tokens / dt, "mfu": tokens / dt * fpt / peak,
                   "loss": float(m["loss"]), "flops_per_token": fpt, "lora_params": n_lora}
     del step, state, frozen, batch
@@ -268,12 +266,7 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    try:
-        from persllm_jax.train import dpo
-
-        have_dpo = not args.skip_dpo and hasattr(dpo, "make_dpo_step")
-    except ImportError:
-        have_dpo = False
+    have_dpo = not args.skip_dpo
     accel, cpu = jax.devices()[0], jax.devices("cpu")[0]
     res = {"platform": accel.platform, "device_kind": accel.device_kind, "devices": jax.device_count(),
            "jax": jax.__version__, "cpu_smoke": args.cpu_smoke}
@@ -300,7 +293,7 @@ def main(argv=None) -> int:
                   f"MFU {100 * r['mfu']:.1f}% (compile {t[kind + '_compile_s']:.1f} s, loss {r['loss']:.3f})",
                   flush=True)
     if not have_dpo:
-        print("DPO: skipped (persllm_jax.train.dpo not available)" if not args.skip_dpo else "DPO: skipped", flush=True)
+        print("DPO: skipped (--skip-dpo)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     ok = res.get("parity", {}).get("ok", True)

@@ -1,19 +1,38 @@
-"""The `persllm` command. Each subcommand lives beside the code it drives and is registered here."""
+"""The `persllm` command: one module per command group, and the only package that imports click.
+
+Every command is a thin layer over the library: it parses options, calls one library function and prints.
+Errors worded for the user (`persllm_jax.errors.PersllmError` and its subclasses) are caught once, here, and
+printed as one line (`Error: ...`, exit 1); anything else is a bug and keeps its traceback.
+May import anything in persllm_jax and data_gen.
+"""
 
 from __future__ import annotations
 
 import click
 
 from persllm_jax import __version__
+from persllm_jax.errors import PersllmError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class PersllmGroup(click.Group):
+    """A click group that turns a PersllmError raised by any subcommand into click's one-line error."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PersllmError as e:
+            msg = str(e).strip() or type(e).__name__
+            raise click.ClickException(msg) from None
+
+
+@click.group(cls=PersllmGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="persllm")
 def main():
     """PersLLM in JAX: build persona corpora, train persona models (LoRA SFT, DPO), evaluate, chat, serve.
 
     MODEL arguments accept a Hugging Face directory (safetensors), a .gguf file, or `smollm2` for the
-    embedded default SmolLM2-135M-Instruct.
+    embedded default SmolLM2-135M-Instruct. Commands that take a --config also take --set KEY=VALUE and
+    --print-config (every key with its resolved value).
     """
     _enable_compilation_cache()
 
@@ -26,39 +45,25 @@ def _enable_compilation_cache():
         return
     import jax
 
-    from persllm_jax.model.weights import cache_root
+    from persllm_jax.io import cache_root
 
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _register():
+    from persllm_jax.cli.chat import chat, simulate
+    from persllm_jax.cli.data import data
+    from persllm_jax.cli.eval import eval_cmd
+    from persllm_jax.cli.export import export
     from persllm_jax.cli.generate import generate
-
-    main.add_command(generate)
+    from persllm_jax.cli.plan import plan_command
+    from persllm_jax.cli.reproduce import reproduce_cmd
+    from persllm_jax.cli.serve import serve
     from persllm_jax.cli.train import train
 
-    main.add_command(train)
-    from persllm_jax.cli.data import data
-
-    main.add_command(data)
-    from persllm_jax.cli.export import export
-
-    main.add_command(export)
-    from persllm_jax.cli.serve import chat, serve, simulate
-
-    main.add_command(serve)
-    main.add_command(chat)
-    main.add_command(simulate)
-    from persllm_jax.cli.eval import eval_cmd
-
-    main.add_command(eval_cmd)
-    from persllm_jax.train.plan import plan_command
-
-    main.add_command(plan_command)
-    from persllm_jax.pipeline.stages import reproduce_cmd
-
-    main.add_command(reproduce_cmd)
+    for command in (generate, data, train, export, serve, chat, simulate, eval_cmd, plan_command, reproduce_cmd):
+        main.add_command(command)
 
 
 _register()

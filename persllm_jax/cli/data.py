@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from data_gen.errors import DataGenError
+from persllm_jax.errors import PersllmError
+from persllm_jax.settings import PRINT_CONFIG_HELP, dump
 
 
 @click.group("data")
@@ -27,16 +28,26 @@ def data():
               help="Response cache folder (default: OUT/cache).")
 @click.option("--restart", is_flag=True, help="Redo OUT/work (the response cache is kept).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cache_dir, restart, no_progress):
-    """Build a persona corpus: inputs, CoT responses, dedup/split, DPO pairs, mixing."""
+@click.option("--print-config", is_flag=True, help=PRINT_CONFIG_HELP)
+def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cache_dir, restart, no_progress,
+              print_config):
+    """Build a persona corpus: inputs, CoT responses, dedup/split, DPO pairs, mixing.
+
+    Config keys (data_gen/config.py DEFAULTS, e.g. inputs.per_stage, responses.max_tokens, annotator.concurrency,
+    split.test_fraction, mix.general): `--print-config` prints them all with their values. Exits 2 on bad input,
+    3 when annotator requests failed after all retries (rerun to retry them).
+    """
     from data_gen.config import load_config
     from data_gen.pipeline import build
 
     try:
         cfg = load_config(config_file, sets)
+        if print_config:
+            click.echo(dump(cfg), nl=False)
+            return
         m = build(personas_dir, out_dir, annotator, cfg, base_url=base_url, cache_dir=cache_dir, restart=restart,
                   progress=not no_progress, echo=click.echo)
-    except DataGenError as e:
+    except PersllmError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     failed = sum(v for k, v in m["rejected_by_reason"].items() if k.endswith("annotator_failed"))
@@ -53,7 +64,7 @@ def check_cmd(corpus_dir):
     from pathlib import Path
 
     from data_gen.formats import check_dpo_row, check_sft_row
-    from data_gen.jsonl import read_jsonl
+    from persllm_jax.io import read_jsonl
 
     bad = 0
     for name, check in (("sft/train.jsonl", check_sft_row), ("sft/test.jsonl", check_sft_row),
@@ -65,7 +76,7 @@ def check_cmd(corpus_dir):
             continue
         try:
             rows = read_jsonl(path)
-        except ValueError as e:
+        except PersllmError as e:
             click.echo(str(e), err=True)
             bad += 1
             continue
@@ -83,11 +94,3 @@ def check_cmd(corpus_dir):
     if bad:
         click.echo(f"error: {bad} problems", err=True)
         sys.exit(1)
-
-
-def main():  # python -m data_gen.cli
-    data(prog_name="python -m data_gen.cli")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-
-def _fail(e: Exception):
-    raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+from persllm_jax.io import DTYPE_NAMES
 
 
 def _size(n: int) -> str:
@@ -22,7 +20,7 @@ def _size(n: int) -> str:
 @click.option("--out", "out", required=True, type=click.Path(), help="Output directory (written atomically).")
 @click.option("--format", "fmt", type=click.Choice(["merged", "peft"]), default="merged", show_default=True,
               help="merged: LoRA folded into the base, a full HF model; peft: adapter_config.json + adapter_model.safetensors.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Weights dtype of the export (default: the base model's dtype).")
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard merged weights above this size.")
@@ -37,22 +35,23 @@ def export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, repo_id, p
     An SFT->DPO run exports as one model: merged, both stages folded in; peft, one adapter on the original
     base whose rank is r_sft + r_dpo (the two updates stacked, scalings folded into B).
     """
-    from persllm_jax.export.driver import ExportError
     from persllm_jax.export.driver import export as do_export
-    from persllm_jax.export.hub import HubError, check_repo_id, push, token_from_env, upload_plan
+    from persllm_jax.export.hub import (
+        HubError,
+        check_repo_id,
+        push,
+        token_from_env,
+        upload_plan,
+    )
 
-    try:
-        if (private or dry_run) and not repo_id:
-            raise HubError("--private and --dry-run go with --push-to-hub ORG/NAME")
-        token = None
-        if repo_id:
-            check_repo_id(repo_id)
-            if not dry_run:
-                token = token_from_env()  # fail before the export work, not after
-        result = do_export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite,
-                           log=lambda s: click.echo(s, err=True))
-    except (ExportError, HubError) as e:
-        _fail(e)
+    if (private or dry_run) and not repo_id:
+        raise HubError("--private and --dry-run go with --push-to-hub ORG/NAME")
+    token = None
+    if repo_id:
+        check_repo_id(repo_id)
+        if not dry_run:
+            token = token_from_env()  # fail before the export work, not after
+    result = do_export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, log=lambda s: click.echo(s, err=True))
     total = sum(n for _, n in upload_plan(result.out))
     ours = result.checks.get("export_vs_ours", {})
     click.echo(f"exported {fmt} ({result.dtype}) to {result.out}: {len(result.files)} files, {_size(total)}; "
@@ -65,8 +64,5 @@ def export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, repo_id, p
         for path, n in upload_plan(result.out):
             click.echo(f"  {path}  {_size(n)}")
         return
-    try:
-        url = push(result.out, repo_id, private=private, token=token)
-    except HubError as e:
-        _fail(e)
+    url = push(result.out, repo_id, private=private, token=token)
     click.echo(f"pushed to {repo_id}: {url}")

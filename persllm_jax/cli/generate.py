@@ -6,7 +6,7 @@ import sys
 
 import click
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+from persllm_jax.io import DTYPE_NAMES, jnp_dtype
 
 
 @click.command()
@@ -22,7 +22,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the completion ends before it.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True,
               help="Compute dtype.")
 def generate(model_spec, prompt, system, raw, max_new_tokens, temperature, top_k, top_p, seed, stop, dtype):
     """Generate a completion for one prompt and print only the completion.
@@ -33,16 +33,9 @@ def generate(model_spec, prompt, system, raw, max_new_tokens, temperature, top_k
       persllm generate --model ./my-hf-model --system "You are Hermione Granger." --prompt "Hello!"
       persllm generate --raw --prompt "Once upon a time" --temperature 0.8 --seed 1
     """
-    import jax.numpy as jnp
-
     from persllm_jax.serve.engine import Generator, SamplingParams
-    from persllm_jax.model.weights import WeightsError
-    from persllm_jax.model.config import ModelConfigError
 
-    try:
-        gen = Generator.load(model_spec, dtype=getattr(jnp, dtype))
-    except (WeightsError, ModelConfigError) as e:
-        raise click.ClickException(str(e)) from None
+    gen = Generator.load(model_spec, dtype=jnp_dtype(dtype))
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop=tuple(stop))
     if raw:

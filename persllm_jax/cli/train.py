@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import yaml
 
-from persllm_jax.train.config import ConfigError, TrainConfig, load_config
+from persllm_jax.settings import PRINT_CONFIG_HELP, ConfigError, dump, read_file
+from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
+
+CONFIG_HELP = "YAML config file (keys: `--print-config` prints every key with its value)."
 
 
 @click.group()
@@ -23,7 +25,7 @@ def resolve_config(cls, run_dir: Path, config_file, sets, resume: bool, cli: dic
     if resume and not has_ckpt:
         raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
     if has_ckpt and saved.is_file():
-        base = yaml.safe_load(saved.read_text()) or {}
+        base = read_file(saved)
     cfg = load_config(cls, config_file, sets, base=base)
     set_keys = {item.split("=", 1)[0].strip() for item in sets}
     for key, value in cli.items():
@@ -32,35 +34,32 @@ def resolve_config(cls, run_dir: Path, config_file, sets, resume: bool, cli: dic
     return cfg
 
 
-def _fail(e: Exception):
-    raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-
 @train.command("sft")
 @click.option("--model", "model", default=None, help="HF dir, .gguf file or `smollm2` (default: from config).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads sft/train.jsonl) or a .jsonl file.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="RUN_DIR for config, metrics, checkpoints.")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. lora.rank=8.")
 @click.option("--resume", is_flag=True, help="Require a checkpoint in RUN_DIR and continue from it (rerunning into a RUN_DIR with checkpoints resumes anyway).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
-def sft(model, data, out, config_file, sets, resume, no_progress):
-    """Supervised fine-tuning on CORPUS/sft/train.jsonl; loss on assistant tokens only."""
-    from persllm_jax.train.data import DataError
-    from persllm_jax.model.lora import LoraError
-    from persllm_jax.train.sharding import MeshError
-    from persllm_jax.model.weights import WeightsError
+@click.option("--print-config", is_flag=True, help=PRINT_CONFIG_HELP)
+def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
+    """Supervised fine-tuning on CORPUS/sft/train.jsonl; loss on assistant tokens only.
 
+    Config keys: model, data, steps, epochs, batch_size, grad_accum, learning_rate, max_length, packing, dtype,
+    remat, save_every, lora.{enabled, rank, alpha, dropout, targets}, mesh.{data, fsdp, tensor}, ...;
+    `--print-config` prints them all with their values.
+    """
     run_dir = Path(out)
-    try:
-        cfg = resolve_config(TrainConfig, run_dir, config_file, sets, resume, {"model": model, "data": data})
-        if not cfg.data:
-            raise ConfigError("no training data: pass --data CORPUS_DIR or set `data` in the config")
-        from persllm_jax.train.sft import run
+    cfg = resolve_config(TrainConfig, run_dir, config_file, sets, resume, {"model": model, "data": data})
+    if print_config:
+        click.echo(dump(cfg), nl=False)
+        return
+    if not cfg.data:
+        raise ConfigError("no training data: pass --data CORPUS_DIR or set `data` in the config")
+    from persllm_jax.train.sft import run
 
-        summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
-    except (ConfigError, DataError, LoraError, MeshError, WeightsError, FileNotFoundError) as e:
-        _fail(e)
+    summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
     last = summary["last"]
     if last:
         click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
@@ -75,30 +74,28 @@ def sft(model, data, out, config_file, sets, resume, no_progress):
               help="SFT RUN_DIR: its adapter is merged into the base, which is also the reference (omit: DPO on the base).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads dpo/train.jsonl) or a .jsonl file of pairs.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="RUN_DIR for config, metrics, checkpoints.")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. beta=0.2.")
 @click.option("--resume", is_flag=True, help="Require a checkpoint in RUN_DIR and continue from it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
-def dpo(model, from_run, data, out, config_file, sets, resume, no_progress):
-    """Direct preference optimisation on CORPUS/dpo/train.jsonl (prompt / chosen / rejected)."""
-    from persllm_jax.train.data import DataError
-    from persllm_jax.export.driver import ExportError
-    from persllm_jax.model.lora import LoraError
-    from persllm_jax.train.sharding import MeshError
-    from persllm_jax.train.config import DPOConfig
-    from persllm_jax.model.weights import WeightsError
+@click.option("--print-config", is_flag=True, help=PRINT_CONFIG_HELP)
+def dpo(model, from_run, data, out, config_file, sets, resume, no_progress, print_config):
+    """Direct preference optimisation on CORPUS/dpo/train.jsonl (prompt / chosen / rejected).
 
+    Config keys: those of `train sft` plus from_run, from_step, beta, loss_type (sigmoid | ipo | hinge),
+    label_smoothing, nll_weight, precompute_ref; `--print-config` prints them all with their values.
+    """
     run_dir = Path(out)
-    try:
-        cfg = resolve_config(DPOConfig, run_dir, config_file, sets, resume,
-                             {"model": model, "data": data, "from_run": from_run})
-        if not cfg.data:
-            raise ConfigError("no preference data: pass --data CORPUS_DIR or set `data` in the config")
-        from persllm_jax.train.dpo import run
+    cfg = resolve_config(DPOConfig, run_dir, config_file, sets, resume,
+                         {"model": model, "data": data, "from_run": from_run})
+    if print_config:
+        click.echo(dump(cfg), nl=False)
+        return
+    if not cfg.data:
+        raise ConfigError("no preference data: pass --data CORPUS_DIR or set `data` in the config")
+    from persllm_jax.train.dpo import run
 
-        summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
-    except (ConfigError, DataError, ExportError, LoraError, MeshError, WeightsError, FileNotFoundError) as e:
-        _fail(e)
+    summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
     last = summary["last"]
     if last:
         click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, reward accuracy "

@@ -17,6 +17,7 @@ from importlib import resources
 import numpy as np
 
 from persllm_jax.eval import EvalError
+from persllm_jax.io import read_json
 
 SCALE = "1 = very inaccurate, 2 = moderately inaccurate, 3 = neither accurate nor inaccurate, 4 = moderately accurate, 5 = very accurate"
 SCALE_REVERSED = "1 = very accurate, 2 = moderately accurate, 3 = neither accurate nor inaccurate, 4 = moderately inaccurate, 5 = very inaccurate"
@@ -34,8 +35,7 @@ VARIANTS = [
 
 def load_items(path: str | None = None) -> dict:
     if path:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = read_json(path, "Big Five items file")
     else:
         doc = json.loads(resources.files(__package__).joinpath("ipip50.json").read_text(encoding="utf-8"))
     items = doc.get("items") if isinstance(doc, dict) else None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from persllm_jax.eval import EvalError
+from persllm_jax.io import iter_jsonl, read_json
 
 TYPES = ("ordinary", "thought", "error", "general")
 
@@ -18,29 +18,24 @@ def response_part(text: str) -> str:
 
 
 def load_test(corpus_dir: str | Path, limit_per_stage: int | None = None, include_general: bool = False) -> list[dict]:
-    """Rows of CORPUS_DIR/sft/test.jsonl, checked: persona, stage, type, messages ending with the assistant reference."""
+    """Rows of CORPUS_DIR/sft/test.jsonl, checked: persona, stage, type, messages ending with the assistant reference.
+    A line that is not a JSON object is an InputError naming file:line:column."""
     path = Path(corpus_dir) / "sft" / "test.jsonl"
     if not Path(corpus_dir).is_dir():
         raise EvalError(f"--data {corpus_dir}: no such corpus directory")
     if not path.is_file():
         raise EvalError(f"--data {corpus_dir}: no sft/test.jsonl (build the corpus with a test split)")
     rows, counts = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise EvalError(f"{path}:{n}: invalid JSON ({e})") from None
-        msgs = row.get("messages") if isinstance(row, dict) else None
+    for where, row in iter_jsonl(path):
+        msgs = row.get("messages")
         if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                                    for m in msgs) or msgs[-1]["role"] != "assistant"):
-            raise EvalError(f"{path}:{n}: expected a row with messages ending in the assistant's reference answer")
+            raise EvalError(f"{where}: expected a row with messages ending in the assistant's reference answer")
         for k in ("persona", "stage"):
             if not isinstance(row.get(k), str) or not row[k]:
-                raise EvalError(f"{path}:{n}: missing {k!r}")
+                raise EvalError(f"{where}: missing {k!r}")
         row.setdefault("type", "ordinary")
-        row.setdefault("id", f"row{n}")
+        row.setdefault("id", f"row{where.rsplit(':', 1)[1]}")  # default id: the line number
         if row["type"] == "general" and not include_general:
             continue
         key = (row["persona"], row["stage"])
@@ -84,10 +79,6 @@ def persona_stages(rows: list[dict], manifest: dict | None = None) -> dict[str, 
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:
+    """CORPUS_DIR/manifest.json ({} when the corpus has none)."""
     p = Path(corpus_dir) / "manifest.json"
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise EvalError(f"{p}: invalid JSON ({e})") from None
+    return read_json(p, "corpus manifest") if p.is_file() else {}

@@ -1,18 +1,17 @@
 """The `persllm eval` pipeline: answers for the corpus test split from every system, then every metric, then
-results.json, answers_<system>.jsonl, report.md and the plots."""
+results.json, answers_<system>.jsonl, report.md and the plots. Also `compare` (one report from several eval
+outputs) and `human_eval` (the /rate judgements, added to an eval's report)."""
 
 from __future__ import annotations
 
-import copy
-import json
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from persllm_jax.eval import EvalError
+from persllm_jax import settings
+from persllm_jax.eval import EvalError, human, plots, report
 from persllm_jax.eval.corpus import load_test, persona_stages, question_of, read_manifest, reference_of
+from persllm_jax.io import atomic_write_json, atomic_write_text, read_json, read_jsonl, write_jsonl
 
 DEFAULTS: dict = {
     "samples": 2,  # answers per test item (distinction needs >= 2 for the intra BLEU of a one-item stage)
@@ -30,30 +29,18 @@ DEFAULTS: dict = {
 }
 
 
-def load_config(path: str | None) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
-    if not path:
-        return cfg
-    try:
-        over = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise EvalError(f"--config {path}: {e}") from None
-    if not isinstance(over, dict):
-        raise EvalError(f"--config {path}: expected a mapping")
-    for k, v in over.items():
-        if k not in cfg:
-            raise EvalError(f"--config {path}: unknown key {k!r}; known: {', '.join(cfg)}")
-        if isinstance(cfg[k], dict):
-            if not isinstance(v, dict):
-                raise EvalError(f"--config {path}: {k} must be a mapping")
-            bad = [x for x in v if x not in cfg[k] and k != "judge"]
-            if bad:
-                raise EvalError(f"--config {path}: unknown key(s) {bad} under {k}; known: {', '.join(cfg[k])}")
-            cfg[k].update(v)
-        else:
-            cfg[k] = v
-    if int(cfg["samples"]) < 1:
-        raise EvalError("samples must be >= 1")
+POSITIVE = ("samples", "max_new_tokens", "batch_size", "max_pairs", "bigfive.batch_size")  # integer keys >= 1
+
+
+def load_config(path: str | None = None, sets=(), base: dict | None = None) -> dict:
+    """The eval config: DEFAULTS < `base` (a recipe's section) < the YAML file at `path` < `--set` items.
+    `judge` is passed to the judge's backend as given (its keys are the backend's)."""
+    cfg = settings.load(DEFAULTS, path, sets, base=base, open_sections={"judge"})
+    for key in POSITIVE:
+        section, _, name = key.rpartition(".")
+        value = (cfg[section] if section else cfg)[name]
+        if value < 1:
+            raise settings.ConfigError(f"eval config: {key} must be >= 1, got {value!r}")
     return cfg
 
 
@@ -62,11 +49,14 @@ def _log(msg: str) -> None:
 
 
 def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str | None = None, base_url: str | None = None,
-             config: str | None = None, personas_dir: str | None = None, with_base: bool = True, log=_log) -> dict:
-    from persllm_jax.eval import anti_induction, bigfive, distinction, precision, report, runner, style
+             config: str | None = None, personas_dir: str | None = None, with_base: bool = True, log=_log,
+             sets=()) -> dict:
+    """Evaluate the base model with a persona prompt (unless `with_base` is False) and each run (NAME=RUN_DIR
+    names it) on the corpus at `data`; writes OUT/results.json, report.md, plots and answers."""
+    from persllm_jax.eval import anti_induction, bigfive, distinction, precision, runner, style
 
     t0 = time.perf_counter()
-    cfg = load_config(config)
+    cfg = load_config(config, sets)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_test(data, cfg["limit_per_stage"])
@@ -101,9 +91,7 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
         t = time.perf_counter()
         ans = runner.generate_answers(s, rows, int(cfg["samples"]), sampling, int(cfg["batch_size"]), desc)
         all_answers[s.name] = ans
-        with open(out_dir / f"answers_{report._safe(s.name)}.jsonl", "w", encoding="utf-8") as f:
-            for a in ans:
-                f.write(json.dumps(a, ensure_ascii=False) + "\n")
+        write_jsonl(out_dir / f"answers_{report.safe_name(s.name)}.jsonl", ans)
         res: dict = {"kind": s.kind, "source": s.source, "run_dir": s.run_dir, "persona_prompt": s.persona_prompt}
         res["distinction"] = distinction.distinction(ans, int(cfg["max_pairs"]), int(cfg["seed"]))
         err = [a for a in ans if a["type"] == "error"]
@@ -148,18 +136,17 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
             ok = [v for v in verdicts.values() if v is not None]
             results["systems"][name]["anti_induction"].update(
                 refute_rate=sum(ok) / len(ok) if ok else None, unparsable=len(verdicts) - len(ok), judged=len(ok))
-            with open(out_dir / f"judgements_{report._safe(name)}.jsonl", "w", encoding="utf-8") as f:
-                for r in recs:
-                    f.write(json.dumps({**r, "refutes": verdicts.get(r["key"])}, ensure_ascii=False) + "\n")
+            write_jsonl(out_dir / f"judgements_{report.safe_name(name)}.jsonl",
+                        ({**r, "refutes": verdicts.get(r["key"])} for r in recs))
         j.close()
         results["timings_s"]["judge"] = round(time.perf_counter() - t, 1)
     else:
         notes["judge"] = "no --judge given: precision and the anti-induction refute rate were not measured"
 
     results["timings_s"]["total"] = round(time.perf_counter() - t0, 1)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    atomic_write_json(out_dir / "results.json", results)
     results["plots"] = report.write(results, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    atomic_write_json(out_dir / "results.json", results)
     log(f"eval: wrote {out_dir}/results.json, report.md and {len(results['plots'])} plot(s) "
         f"in {results['timings_s']['total']} s")
     return results
@@ -172,7 +159,7 @@ def _rescore_rules(system: dict, answers: Path) -> None:
 
     if not answers.is_file() or not system.get("anti_induction"):
         return
-    ans = [json.loads(x) for x in answers.read_text(encoding="utf-8").splitlines() if x.strip()]
+    ans = read_jsonl(answers)
     system["anti_induction"]["break_rate_all"] = anti_induction.break_rate([a["text"] for a in ans])
     system["anti_induction"]["break_rate_error"] = anti_induction.break_rate([a["text"] for a in ans if a["type"] == "error"])
 
@@ -180,8 +167,6 @@ def _rescore_rules(system: dict, answers: Path) -> None:
 def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
     """One side-by-side report from several `persllm eval` outputs over the same corpus and settings (systems
     evaluated separately, e.g. on different machines or days)."""
-    from persllm_jax.eval import report
-
     if not eval_dirs:
         raise EvalError("compare: give at least one EVAL_DIR")
     merged: dict | None = None
@@ -189,10 +174,7 @@ def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
         p = Path(d) / "results.json"
         if not p.is_file():
             raise EvalError(f"{d}: no results.json (not a persllm eval output)")
-        try:
-            r = json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise EvalError(f"{p}: invalid JSON ({e})") from None
+        r = read_json(p, "eval results")
         if merged is None:
             merged = {**r, "systems": {}, "sources": []}
         else:
@@ -205,12 +187,30 @@ def compare(eval_dirs: list[str], out: str, log=_log) -> dict:
         for name, s in r["systems"].items():
             if name in merged["systems"]:
                 raise EvalError(f"{d}: system {name!r} appears twice")
-            _rescore_rules(s, Path(d) / f"answers_{report._safe(name)}.jsonl")
+            _rescore_rules(s, Path(d) / f"answers_{report.safe_name(name)}.jsonl")
             merged["systems"][name] = s
         merged["sources"].append(str(d))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged["plots"] = report.write(merged, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(merged, indent=1, ensure_ascii=False), encoding="utf-8")
+    atomic_write_json(out_dir / "results.json", merged)
     log(f"eval compare: {', '.join(merged['systems'])} -> {out_dir}/report.md")
     return merged
+
+
+def human_eval(db: str, out: str, n_boot: int = 2000, seed: int = 0) -> dict:
+    """`persllm eval human`: OUT/human.json, human.md and human.png from the /rate database; when OUT holds an
+    eval (results.json), its report.md is written again with the human section."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    h = human.summarize(human.load_judgements(db), n_boot=n_boot, seed=seed)
+    h["db"] = str(db)
+    plots.human_ratings(h, out_dir / "human.png", human.NAMES)
+    atomic_write_json(out_dir / "human.json", h)
+    atomic_write_text(out_dir / "human.md", human.markdown(h))
+    results = out_dir / "results.json"
+    if results.is_file():
+        res = read_json(results, "eval results")
+        res["plots"] = report.write(res, out_dir)
+        atomic_write_json(results, res)
+    return h

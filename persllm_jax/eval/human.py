@@ -1,4 +1,5 @@
-"""`persllm eval human`: aggregate the /rate judgements (SQLite, see persllm_jax/web/rate.py).
+"""The /rate judgements (SQLite, see persllm_jax/serve/web/rate.py) aggregated, and their report section
+(`persllm eval human` runs `evaluate.human_eval`, which writes them beside an eval's report).
 
 Per model pair and criterion: wins, losses, ties and a win rate in which a tie counts half a win for each side,
 with a percentile bootstrap interval over judgements (numpy, fixed seed). Across models: Bradley-Terry strengths
@@ -10,14 +11,14 @@ over every pair of those raters' outcomes, next to the raw agreement.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 
+from persllm_jax.errors import InputError
 from persllm_jax.eval import EvalError
+from persllm_jax.io import read_json
 
 CRITERIA = ("fidelity", "knowledge", "style")
 NAMES = {"fidelity": "persona fidelity", "knowledge": "knowledge", "style": "style"}
@@ -162,7 +163,7 @@ def markdown(h: dict, plot: str | None = "human.png") -> str:
     md.append("")
     if a["items"]:
         md.append(f"Inter-rater agreement on {a['items']} item(s) judged by two or more of {a['raters']} raters: " +
-                  "; ".join(f"{NAMES.get(c, c)} κ = {_f(a[c]['kappa'])} ({_f(a[c]['percent_agreement'])} agree, "
+                  "; ".join(f"{NAMES.get(c, c)} κ = {_number(a[c]['kappa'])} ({_number(a[c]['percent_agreement'])} agree, "
                             f"{a[c]['pairs']} rater pairs)" for c in CRITERIA) + ".")
     else:
         md.append("Inter-rater agreement: no item was judged by two raters yet.")
@@ -171,69 +172,8 @@ def markdown(h: dict, plot: str | None = "human.png") -> str:
     return "\n".join(md) + "\n"
 
 
-def _f(v):
+def _number(v):
     return "–" if v is None else f"{v:.2f}"
-
-
-def plot(h: dict, path: Path) -> None:
-    """Win rates with intervals per pair and criterion, and Bradley-Terry strengths per model."""
-    from persllm_jax.eval.report import _plt
-
-    plt = _plt()
-    crits = list(h["win_rates"])
-    pairs = sorted({k for c in crits for k in h["win_rates"][c]})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    wdt = 0.8 / len(crits)
-    for i, c in enumerate(crits):
-        xs = np.arange(len(pairs)) + i * wdt - 0.4 + wdt / 2
-        vals = [h["win_rates"][c].get(p) for p in pairs]
-        mid = [v["win_rate"] if v else 0 for v in vals]
-        err = np.array([[v["win_rate"] - v["ci"][0], v["ci"][1] - v["win_rate"]] if v else [0, 0] for v in vals]).T
-        ax1.bar(xs, mid, wdt, yerr=err, capsize=3, label=NAMES.get(c, c))
-    ax1.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax1.set_xticks(np.arange(len(pairs)))
-    ax1.set_xticklabels(pairs, fontsize=8, rotation=15)
-    ax1.set_ylim(0, 1.22)  # room above the bars for the legend
-    ax1.set_yticks(np.linspace(0, 1, 6))
-    ax1.set_ylabel("win rate of the first model")
-    ax1.set_title("Pairwise win rates (95% bootstrap CI)")
-    ax1.legend(fontsize=8, ncol=len(crits), loc="upper center")
-    models = h["models"]
-    for i, c in enumerate(crits):
-        xs = np.arange(len(models)) + i * wdt - 0.4 + wdt / 2
-        ax2.bar(xs, [h["bradley_terry"][c].get(m, 0.0) for m in models], wdt, label=NAMES.get(c, c))
-    ax2.axhline(0, color="grey", lw=0.8)
-    ax2.set_xticks(np.arange(len(models)))
-    ax2.set_xticklabels(models, fontsize=8)
-    ax2.set_title("Bradley-Terry log-strength")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def run(db: str, out: str, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Writes OUT/human.json, human.md and human.png; re-renders OUT/report.md when OUT holds an eval."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    h = summarize(load_judgements(db), n_boot=n_boot, seed=seed)
-    h["db"] = str(db)
-    plot(h, out_dir / "human.png")
-    _atomic_write(out_dir / "human.json", json.dumps(h, indent=1, ensure_ascii=False))
-    _atomic_write(out_dir / "human.md", markdown(h))
-    results = out_dir / "results.json"
-    if results.is_file():
-        from persllm_jax.eval import report
-
-        res = json.loads(results.read_text(encoding="utf-8"))
-        res["plots"] = report.write(res, out_dir)
-        _atomic_write(results, json.dumps(res, indent=1, ensure_ascii=False))
-    return h
 
 
 def section(out_dir: Path) -> tuple[str, list[str]] | None:
@@ -242,12 +182,12 @@ def section(out_dir: Path) -> tuple[str, list[str]] | None:
     if not p.is_file():
         return None
     try:
-        h = json.loads(p.read_text(encoding="utf-8"))
+        h = read_json(p)
         has_plot = (Path(out_dir) / "human.png").is_file()
         return markdown(h, "human.png" if has_plot else None), (["human.png"] if has_plot else [])
-    except (ValueError, KeyError, TypeError):
+    except (InputError, KeyError, TypeError):
         return None
 
 
-__all__ = ["load_judgements", "win_rates", "bradley_terry", "agreement", "cohen_kappa", "summarize", "markdown",
-           "run", "section"]
+__all__ = ["CRITERIA", "NAMES", "load_judgements", "win_rates", "bradley_terry", "agreement", "cohen_kappa",
+           "summarize", "markdown", "section"]

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from persllm_jax.eval import EvalError
+from persllm_jax.io import cache_root
 
 CLASSIFY_PROMPT = """Given a question asked to {name} and {name}'s answer, decide what the question tests.
 
@@ -73,7 +74,7 @@ class Judge:
         conf = {**DEFAULTS["annotator"], **(cfg or {})}
         self.max_tokens = int(conf.pop("max_tokens", 64))
         try:
-            self.backend = make_backend(spec, base_url, conf, Path(cache_dir or Path.home() / ".cache" / "persllm_jax" / "judge"))
+            self.backend = make_backend(spec, base_url, conf, Path(cache_dir or cache_root() / "judge"))
         except DataGenError as e:
             raise EvalError(f"--judge {spec}: {e}") from None
         self.identity = self.backend.identity

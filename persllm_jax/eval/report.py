@@ -4,100 +4,15 @@ with a persona prompt, SFT, SFT+DPO) appear side by side, as the paper presents 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
+from persllm_jax.eval import human
+from persllm_jax.eval.plots import bars, radar, training_curves
+from persllm_jax.io import atomic_write_text
 
 
 def _fmt(v, nd=2):
     return "–" if v is None else f"{v:.{nd}f}"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def radar(bigfive: dict, title: str, path: Path) -> None:
-    plt = _plt()
-    traits = bigfive["traits"]
-    personas = sorted(bigfive["profiles"])
-    angles = np.linspace(0, 2 * np.pi, len(traits), endpoint=False).tolist()
-    fig, axes = plt.subplots(1, len(personas), subplot_kw={"polar": True}, figsize=(4.2 * len(personas), 4.4), squeeze=False)
-    for ax, p in zip(axes[0], personas):
-        for s, prof in sorted(bigfive["profiles"][p].items()):
-            vals = [prof[t] for t in traits]
-            ax.plot(angles + angles[:1], vals + vals[:1], label=s)
-            ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.12)
-        ax.set_xticks(angles)
-        ax.set_xticklabels([t.split("/")[0] for t in traits], fontsize=8)
-        ax.set_ylim(1, 5)
-        ax.set_yticks([2, 3, 4, 5])
-        ax.tick_params(axis="y", labelsize=6)
-        ax.set_title(p, fontsize=10)
-        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.25, -0.1))
-    fig.suptitle(f"Big Five (IPIP-50, option likelihood): {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def bars(groups: dict[str, dict[str, float | None]], title: str, ylabel: str, path: Path, ylim=None) -> None:
-    """groups: {system: {metric: value}} -> grouped bars, one group per metric."""
-    plt = _plt()
-    systems = list(groups)
-    metrics = list(dict.fromkeys(m for g in groups.values() for m in g))
-    x = np.arange(len(metrics))
-    w = 0.8 / max(1, len(systems))
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(metrics) * max(1, len(systems)) / 2 + 3), 3.8))
-    for i, s in enumerate(systems):
-        vals = [groups[s].get(m) for m in metrics]
-        ax.bar(x + i * w - 0.4 + w / 2, [0 if v is None else v for v in vals], w, label=s)
-    ax.set_xticks(x)
-    ax.set_xticklabels(metrics, fontsize=8, rotation=20)
-    ax.set_ylabel(ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def training_curves(runs: dict[str, str], path: Path) -> bool:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    drawn = False
-    for name, run_dir in runs.items():
-        f = Path(run_dir) / "metrics.jsonl"
-        if not f.is_file():
-            continue
-        pts = []
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn last line of a running job
-            if isinstance(row, dict) and "step" in row and "loss" in row:
-                pts.append((row["step"], row["loss"]))
-        if pts:
-            ax.plot(*zip(*pts), label=name)
-            drawn = True
-    if drawn:
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("Training loss")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return drawn
 
 
 def write(results: dict, out: Path) -> list[str]:
@@ -106,7 +21,7 @@ def write(results: dict, out: Path) -> list[str]:
     systems = results["systems"]
     names = list(systems)
     pngs: list[str] = []
-    md = [f"# Persona evaluation\n", f"Corpus: `{results['data']}` — {results['n_test_items']} test items, "
+    md = ["# Persona evaluation\n", f"Corpus: `{results['data']}` — {results['n_test_items']} test items, "
           f"{results['settings']['samples']} sample(s) each; systems: {', '.join(f'`{n}`' for n in names)}.",
           f"Judge: {results.get('judge') or 'none (judge metrics skipped)'}.\n"]
 
@@ -129,11 +44,11 @@ def write(results: dict, out: Path) -> list[str]:
              lambda s: ((s.get("bigfive") or {}).get("summary") or {}).get("distinction_mean_l2")),
             ("style cosine to own words", lambda s: (s.get("style") or {}).get("own_mean")),
             ("style own − other personas", lambda s: (s.get("style") or {}).get("own_minus_other_mean"))]
-    for label, f in rows:
+    for label, value_of in rows:
         vals = []
         for n in names:
             try:
-                vals.append(_fmt(f(systems[n]), 3))
+                vals.append(_fmt(value_of(systems[n]), 3))
             except (KeyError, TypeError):
                 vals.append("–")
         md.append(f"| {label} | " + " | ".join(vals) + " |")
@@ -212,7 +127,7 @@ def write(results: dict, out: Path) -> list[str]:
                               f" (L2 {d['l2']:.3f})")
             if bf["distance"]:
                 md.append("\nPersona distances (L2): " + ", ".join(f"{k} {v:.3f}" for k, v in bf["distance"].items()))
-            fn = f"bigfive_{_safe(n)}.png"
+            fn = f"bigfive_{safe_name(n)}.png"
             radar(bf, n, out / fn)
             pngs.append(fn)
             md.append(f"\n![Big Five {n}]({fn})\n")
@@ -236,21 +151,20 @@ def write(results: dict, out: Path) -> list[str]:
         pngs.append("training_curves.png")
         md += ["\n## Training curves\n", "![training curves](training_curves.png)\n"]
 
-    from persllm_jax.eval.human import section as human_section
-
-    human = human_section(out)  # written by `persllm eval human --out` into this directory
-    if human:
-        md += ["", human[0]]
-        pngs += human[1]
+    ratings = human.section(out)  # written by `persllm eval human --out` into this directory
+    if ratings:
+        md += ["", ratings[0]]
+        pngs += ratings[1]
 
     md += ["\n## Samples\n"]
     for n in names:
         for a in systems[n].get("examples", [])[:3]:
             md.append(f"- **{n}** · {a['persona']}/{a['stage']} · {a['type']} — Q: {a['question'][:200]!r} → "
                       f"A: {a['text'][:300]!r}")
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return pngs
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A system name as a file name part (answers_<name>.jsonl, bigfive_<name>.png)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from persllm_jax.eval import EvalError
 from persllm_jax.eval.corpus import prompt_of, response_part
-
-PARENT_KEYS = ("parent_run", "from", "sft_run", "from_run")  # as persllm_jax.export.driver reads them
+from persllm_jax.io import read_yaml
+from persllm_jax.runs import load_chain, merged_params, parent_of, read_run
 
 
 @dataclasses.dataclass
@@ -33,10 +32,9 @@ def persona_descriptions(personas_dir: str | Path | None) -> dict[str, dict]:
     if not personas_dir or not Path(personas_dir).is_dir():
         return out
     for f in sorted(Path(personas_dir).glob("*/persona.yaml")):
-        try:
-            doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise EvalError(f"{f}: invalid YAML ({e})") from None
+        doc = read_yaml(f, "persona file") or {}
+        if not isinstance(doc, dict):
+            raise EvalError(f"{f}: a persona file must be a YAML mapping")
         out[f.parent.name] = {"description": doc.get("description") or "",
                               "stages": {str(s.get("id")): s.get("description") or "" for s in doc.get("stages") or []}}
     return out
@@ -56,30 +54,29 @@ def persona_system(base_msg: str, persona: str, stage: str, desc: dict[str, dict
 
 def load_systems(model: str | None, runs: list[str], names: list[str] | None = None, with_base: bool = True,
                  log=None) -> list[System]:
-    from persllm_jax.serve.personas import ModelPool, TalkError, read_run
+    """The base (unless `with_base` is False) and every run as a System; `model` None: the first run's base."""
+    from persllm_jax.serve.personas import ModelPool
 
     log = log or (lambda m: print(m, file=sys.stderr))
     pool = ModelPool(log=log)
     systems: list[System] = []
-    try:
-        if model is None and runs:  # the base of the first run (a DPO run: its SFT parent's base)
-            info, d = read_run(runs[0]), Path(runs[0])
-            while not info.get("model") and any(info.get(k) for k in PARENT_KEYS):
-                d = Path(next(info[k] for k in PARENT_KEYS if info.get(k)))
-                info = read_run(d)
-            model = info.get("model")
-        if with_base:
-            systems.append(System("base+prompt", pool.base(model), "base", model or "smollm2", persona_prompt=True))
-        for i, run in enumerate(runs):
-            name = (names[i] if names and i < len(names) and names[i] else None) or Path(run).name
-            info = read_run(run)
-            if any(info.get(k) for k in PARENT_KEYS):
-                gen = _chain_generator(run, pool, model)
-            else:
-                gen, _ = pool.run(run, base_spec=model)
-            systems.append(System(name, gen, "run", str(run), run_dir=str(run)))
-    except TalkError as e:
-        raise EvalError(str(e)) from None
+    if model is None and runs:  # the base of the first run (a DPO run: its SFT parent's base)
+        d, seen = Path(runs[0]), set()
+        info = read_run(d)
+        while not info.get("model") and d.resolve() not in seen:
+            seen.add(d.resolve())
+            d, _ = parent_of(info, d)
+            if d is None:
+                break
+            info = read_run(d)
+        model = info.get("model")
+    if with_base:
+        systems.append(System("base+prompt", pool.base(model), "base", model or "smollm2", persona_prompt=True))
+    for i, run in enumerate(runs):
+        name = (names[i] if names and i < len(names) and names[i] else None) or Path(run).name
+        parent, _ = parent_of(read_run(run), Path(run))
+        gen = _chain_generator(run, pool, model) if parent is not None else pool.run(run, base_spec=model)[0]
+        systems.append(System(name, gen, "run", str(run), run_dir=str(run)))
     seen = set()
     for s in systems:
         if s.name in seen:
@@ -90,13 +87,9 @@ def load_systems(model: str | None, runs: list[str], names: list[str] | None = N
 
 def _chain_generator(run, pool, model):
     """A DPO (or other chained) run: parents merged into the base, the last stage's adapter on top."""
-    from persllm_jax.export.driver import ExportError, load_chain, merged_params
     from persllm_jax.serve.engine import Generator
 
-    try:
-        chain = load_chain(run)
-    except ExportError as e:
-        raise EvalError(str(e)) from None
+    chain = load_chain(run)
     base = pool.base(model or chain.base_spec)
     last = chain.last
     if last.kind == "lora":

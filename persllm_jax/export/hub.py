@@ -11,10 +11,12 @@ import os
 import re
 from pathlib import Path
 
+from persllm_jax.errors import PersllmError
+
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
-class HubError(ValueError):
+class HubError(PersllmError, ValueError):
     pass
 
 

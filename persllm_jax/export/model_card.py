@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from persllm_jax.runs import last_metrics
+
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_EVAL_ROWS = 60
 SETTINGS = ("steps", "epochs", "batch_size", "grad_accum", "learning_rate", "warmup_steps", "min_lr_ratio",
@@ -82,17 +84,6 @@ def _settings(run_dir: Path) -> dict:
     return {k: cfg[k] for k in SETTINGS if k in cfg}
 
 
-def _last_metrics(run_dir: Path) -> dict:
-    p = run_dir / "metrics.jsonl"
-    if not p.is_file():
-        return {}
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-    try:
-        return json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 def _stage_label(st, i, n) -> str:
     kind = st.info.get("stage") or st.info.get("algorithm") or ("dpo" if i > 0 else "sft")
     return str(kind).upper()
@@ -141,7 +132,7 @@ def render(chain, fmt: str, dtype: str, checks: dict) -> str:
         what = (f"LoRA r={lo.get('rank')}, alpha={lo.get('alpha')}, targets {', '.join(lo.get('targets') or [])}"
                 if st.kind == "lora" else "full fine-tuning")
         stats = st.info.get("data_stats") or {}
-        last = _last_metrics(st.run_dir)
+        last = last_metrics(st.run_dir)
         lines.append(f"- **{label}** (`{st.run_dir.name}`, checkpoint step {st.step} of "
                      f"{st.info.get('total_steps', '?')}): {what}")
         if stats:

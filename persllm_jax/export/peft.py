@@ -19,57 +19,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax.model import lora as lora_mod
-from persllm_jax.export.driver import (
-    DTYPES,
+from persllm_jax.export import ExportError, hf_state
+from persllm_jax.export.verify import (
     MODEL_TOL,
     WRITE_TOL,
-    Chain,
-    ExportError,
     check,
     compare,
     logits_of,
     our_model_logits,
     probe_batch,
 )
-from persllm_jax.model.decoder import LINEAR_NAMES, linear_shapes
+from persllm_jax.io import jnp_dtype
+from persllm_jax.model import lora as lora_mod
+from persllm_jax.model.decoder import LINEAR_NAMES
+from persllm_jax.runs import Chain, RunError, stacked_adapter
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def adapter_of(chain: Chain) -> tuple[dict, int, float, float]:
     """(LoRA tree on the original base, rank, alpha, dropout) for the whole chain."""
-    return stacked_adapter(chain.stages, chain.base.cfg)
-
-
-def stacked_adapter(stages: list, mcfg) -> tuple[dict, int, float, float]:
-    """(LoRA tree, rank, alpha, dropout) equal to applying LoRA `stages` one after another on one base."""
-    for st in stages:
-        if st.kind != "lora":
-            raise ExportError(f"{st.run_dir}: a full fine-tuning run has no adapter; export it with --format merged")
-    if len(stages) == 1:
-        st = stages[0]
-        lo = st.lora_info
-        return st.weights, int(lo["rank"]), float(lo["alpha"]), float(lo.get("dropout") or 0.0)
-    shapes = linear_shapes(mcfg)
-    L = mcfg.num_layers
-    names = [n for n in LINEAR_NAMES if any(n in st.weights for st in stages)]
-    ranks = [int(next(iter(st.weights.values()))["a"].shape[-1]) for st in stages]
-    out = {}
-    for n in names:
-        n_in, n_out = shapes[n]
-        a_parts, b_parts = [], []
-        for st, r in zip(stages, ranks):
-            p = st.weights.get(n)
-            if p is None:
-                a_parts.append(jnp.zeros((L, n_in, r), jnp.float32))
-                b_parts.append(jnp.zeros((L, r, n_out), jnp.float32))
-            else:
-                a_parts.append(jnp.asarray(p["a"], jnp.float32))
-                b_parts.append(jnp.asarray(p["b"], jnp.float32) * st.scale)
-        out[n] = {"a": jnp.concatenate(a_parts, axis=-1), "b": jnp.concatenate(b_parts, axis=-2)}
-    r = sum(ranks)
-    return out, r, float(r), 0.0
+    try:
+        return stacked_adapter(chain.stages, chain.base.cfg)
+    except RunError as e:
+        raise ExportError(str(e)) from None
 
 
 def adapter_config(chain: Chain, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict:
@@ -102,25 +75,21 @@ def read_adapter(out_dir: Path, num_layers: int) -> tuple[dict, float]:
     return tree, float(cfg["lora_alpha"]) / float(cfg["r"])
 
 
-def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, tamper, log):
+def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, log):
     from safetensors.numpy import save_file
 
     cfg = chain.base.cfg
     t = time.perf_counter()
     tree, rank, alpha, dropout = adapter_of(chain)
-    np_dtype = np.dtype(jnp.dtype(DTYPES[dtype]))
-    state = {k: np.asarray(jnp.asarray(v).astype(DTYPES[dtype])).astype(np_dtype, copy=False)
+    np_dtype = np.dtype(jnp.dtype(jnp_dtype(dtype)))
+    state = {k: np.asarray(jnp.asarray(v).astype(jnp_dtype(dtype))).astype(np_dtype, copy=False)
              for k, v in lora_mod.to_peft_state(tree).items()}
     save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
     targets = [n for n in LINEAR_NAMES if n in tree]
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(chain, rank, alpha, dropout, targets),
                                                         indent=2) + "\n")
-    from persllm_jax.export.driver import save_tokenizer
-
-    tok = save_tokenizer(chain.base_spec, tmp)
+    tok = hf_state.save_tokenizer(chain.base_spec, tmp)
     times["write"] = time.perf_counter() - t
-    if tamper is not None:
-        tamper(tmp)
 
     t = time.perf_counter()
     try:
@@ -132,7 +101,7 @@ def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, tamper, log):
     batch = probe_batch(tok, cfg)
     base = chain.base.params
     got = logits_of(base, cfg, batch, back, scale)
-    intended = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(DTYPES[dtype]).astype(jnp.float32), tree)
+    intended = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp_dtype(dtype)).astype(jnp.float32), tree)
     checks = {"reload_vs_written": compare(logits_of(base, cfg, batch, intended, alpha / rank), got,
                                            batch["segment_ids"]),
               "export_vs_ours": compare(our_model_logits(chain, batch), got, batch["segment_ids"])}

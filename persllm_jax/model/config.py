@@ -7,10 +7,12 @@ import json
 import math
 from pathlib import Path
 
+from persllm_jax.errors import PersllmError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(PersllmError, ValueError):
     pass
 
 

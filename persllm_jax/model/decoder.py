@@ -19,17 +19,19 @@ each other; positions are passed in explicitly for the same reason.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from persllm_jax.model.config import ModelConfig, rope_inv_freq
-from persllm_jax.train.sharding import constrain_batch
 
 Params = dict[str, Any]
 
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over (train/sharding.py)
 ATTN_BLOCK = 128  # query block of the full-sequence (training) attention; see _attend
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,6 +53,22 @@ def has_bias(cfg: ModelConfig, name: str) -> bool:
     if name == "o_proj":
         return cfg.o_bias
     return cfg.mlp_bias
+
+
+def constrain_batch(x, axis: int = 0):
+    """Pin an activation's batch dimension to (`data`, `fsdp`) inside a sharded step; a no-op without a
+    context mesh (generation, single-device use). Without it XLA's sharding propagation may follow the
+    fsdp-sharded weights and replicate the batch on every device (an 8B step on 8 chips: 23 GiB instead of
+    11 GiB per device, see `persllm plan`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
+        return x
+    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n == 1 or x.shape[axis] % n:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
@@ -110,12 +128,15 @@ def _linear(x, p, lora_p, lora_scale, dtype):
     return y.reshape(*lead, y.shape[-1])
 
 
-def attention_mask(q_seg, q_idx, q_pos, k_seg, k_pos, sliding_window):
-    """[B, 1, 1, T, S] bool: same document, key not padding, key not in the future (by slot index)."""
+def attention_mask(q_seg, q_idx, q_pos, k_seg, k_pos, sliding_window, q_branch=None, k_branch=None):
+    """[B, 1, 1, T, S] bool: same document, key not padding, key not in the future (by slot index). With
+    branches (DPO's shared-prompt rows), a query sees keys of branch 0 (the prompt) and of its own branch only."""
     S = k_seg.shape[1]
     k_idx = jnp.arange(S)
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
     mask = mask & (k_idx[None, None, :] <= q_idx[None, :, None])
+    if q_branch is not None:
+        mask = mask & ((k_branch[:, None, :] == 0) | (k_branch[:, None, :] == q_branch[:, :, None]))
     if sliding_window:
         mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < sliding_window)
     return mask[:, None, None, :, :]
@@ -152,7 +173,8 @@ def _attend(q, k, v, mask, cfg: ModelConfig, dtype, block: int = 0, heads_major:
 
 
 def _layer(cfg: ModelConfig, dtype, lora_scale, h, layer, lora, cos, sin, kv_fn, attn_block: int = 0):
-    """One decoder layer. `kv_fn(k, v) -> (k_all, v_all, mask)` supplies the keys to attend over."""
+    """One decoder layer. `kv_fn(k, v) -> (k_all, v_all, mask, heads_major)` supplies the keys to attend over
+    (training: this layer's own; decoding: the cache with them written in) and their layout (see _attend)."""
     B, T, _ = h.shape
     get = lambda name: None if lora is None else lora.get(name)
     x = rms_norm(h, layer["input_layernorm"], cfg.rms_norm_eps, dtype)
@@ -184,12 +206,15 @@ def hidden_states(
     lora_scale: float = 1.0,
     dtype=jnp.float32,
     remat: bool = False,
+    branch: jax.Array | None = None,
 ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] for a full sequence (training / scoring; no cache)."""
+    """Final-normed hidden states [B, T, D] for a full sequence (training / scoring; no cache). `branch` [B, T]
+    marks DPO's shared-prompt rows (0 = prompt, 1 = chosen, 2 = rejected; see attention_mask)."""
     T = tokens.shape[1]
     h = constrain_batch(params["embed_tokens"][tokens].astype(jnp.float32))  # batch-sharded in a sharded step
     cos, sin = rope_cos_sin(cfg, positions)
-    mask = attention_mask(segment_ids, jnp.arange(T), positions, segment_ids, positions, cfg.sliding_window)
+    mask = attention_mask(segment_ids, jnp.arange(T), positions, segment_ids, positions, cfg.sliding_window,
+                          branch, branch)
     kv_fn = lambda k, v: (k, v, mask, False)
 
     def body(h, xs):

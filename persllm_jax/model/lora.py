@@ -15,14 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persllm_jax.errors import PersllmError
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.decoder import LINEAR_NAMES, linear_shapes
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class LoraError(ValueError):
-    pass
+class LoraError(PersllmError, ValueError):
+    """LoRA targets or settings that do not fit the model."""
 
 
 def resolve_targets(patterns) -> tuple[str, ...]:
@@ -85,6 +86,30 @@ def merge_lora(params: dict, lora: dict, scale: float) -> dict:
         delta = jnp.einsum("lir,lro->lio", p["a"].astype(jnp.float32), p["b"].astype(jnp.float32)) * scale
         layers[name] = {**layers[name], "kernel": (k.astype(jnp.float32) + delta).astype(k.dtype)}
     return {**params, "layers": layers}
+
+
+def stack_lora(parts: list[tuple[dict, float]], cfg: ModelConfig) -> tuple[dict, int]:
+    """One LoRA tree (scale 1) equal to applying the adapters `parts` = [(tree, scale)] one after another:
+    A = [A1 | A2 | ...] and B = [s1·B1 ; s2·B2 ; ...], zeros where an adapter lacks a projection. Returns
+    (tree, total rank)."""
+    shapes = linear_shapes(cfg)
+    L = cfg.num_layers
+    names = [n for n in LINEAR_NAMES if any(n in tree for tree, _ in parts)]
+    ranks = [int(next(iter(tree.values()))["a"].shape[-1]) for tree, _ in parts]
+    out = {}
+    for n in names:
+        n_in, n_out = shapes[n]
+        a_parts, b_parts = [], []
+        for (tree, scale), r in zip(parts, ranks):
+            p = tree.get(n)
+            if p is None:
+                a_parts.append(jnp.zeros((L, n_in, r), jnp.float32))
+                b_parts.append(jnp.zeros((L, r, n_out), jnp.float32))
+            else:
+                a_parts.append(jnp.asarray(p["a"], jnp.float32))
+                b_parts.append(jnp.asarray(p["b"], jnp.float32) * scale)
+        out[n] = {"a": jnp.concatenate(a_parts, axis=-1), "b": jnp.concatenate(b_parts, axis=-2)}
+    return out, sum(ranks)
 
 
 def lora_param_count(lora: dict) -> int:

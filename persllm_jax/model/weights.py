@@ -17,14 +17,22 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError, from_hf_dict, load_hf_config
+from persllm_jax.errors import PersllmError
+from persllm_jax.io import atomic_replace, cache_root
+from persllm_jax.model.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    ModelConfigError,
+    from_hf_dict,
+    load_hf_config,
+)
 from persllm_jax.model.decoder import LINEAR_NAMES, has_bias
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class WeightsError(ValueError):
+class WeightsError(PersllmError, ValueError):
     pass
 
 
@@ -288,7 +296,10 @@ def _gguf_tokenizer(reader):
     here the metadata comes from the `gguf` reader we already hold.
     """
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
@@ -320,9 +331,7 @@ def _save_weights(state: dict[str, np.ndarray], hf_config: dict, cached: Path) -
 
     cached.mkdir(parents=True, exist_ok=True)
     (cached / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tmp = cached / f"model.safetensors.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, cached / "model.safetensors")
+    atomic_replace(cached / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def load_model(spec: str | None, dtype=jnp.float32) -> LoadedModel:
@@ -331,13 +340,6 @@ def load_model(spec: str | None, dtype=jnp.float32) -> LoadedModel:
 
 
 # --- tokenizer --------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    base = os.environ.get("PERSLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "persllm_jax"
-    )
-    return Path(base)
 
 
 def gguf_cache_dir(path: str) -> Path:

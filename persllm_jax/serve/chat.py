@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 
 from persllm_jax.serve.engine import Completion, Generator, SamplingParams
-from persllm_jax.serve.personas import DeltaText, StagePrompt, TalkError, ThoughtFilter, find_stage, split_thoughts, stage_name
+from persllm_jax.serve.personas import (DeltaText, StagePrompt, TalkError, ThoughtFilter, find_stage, split_thoughts,
+                                        stage_name)
 
 HELP = """commands:
   /reset          forget the conversation (keeps the stage)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax.model import decoder as M
+from persllm_jax.model.decoder import forward_cached, init_cache, unstack_layers
 from persllm_jax.model.config import ModelConfig
 
 
@@ -82,8 +82,8 @@ def _next_token(logits, keys, step, temperature, top_k, top_p, greedy: bool):
 
 @partial(jax.jit, static_argnames=("cfg", "dtype", "capacity"))
 def _prefill(params, lora, lora_scale, tokens, positions, segments, *, cfg: ModelConfig, dtype, capacity: int):
-    cache = M.init_cache(cfg, tokens.shape[0], capacity, dtype)
-    return M.forward_cached(params, cfg, tokens, positions, segments, cache, lora=lora, lora_scale=lora_scale, dtype=dtype)
+    cache = init_cache(cfg, tokens.shape[0], capacity, dtype)
+    return forward_cached(params, cfg, tokens, positions, segments, cache, lora=lora, lora_scale=lora_scale, dtype=dtype)
 
 
 @partial(jax.jit, static_argnames=("cfg", "dtype", "n_steps", "greedy"), donate_argnames=("cache",))
@@ -102,7 +102,7 @@ def _decode(params, lora, lora_scale, cache, state, sampling, limit, *, cfg: Mod
         token = jnp.where(st["done"], pad, token)
         out = out.at[:, t].set(token)
         done = st["done"] | jnp.any(token[:, None] == eos[None, :], axis=-1)
-        logits, cache = M.forward_cached(
+        logits, cache = forward_cached(
             params, cfg, token[:, None], st["next_pos"][:, None], jnp.ones((B, 1), jnp.int32), cache,
             lora=lora, lora_scale=lora_scale, dtype=dtype,
         )
@@ -121,8 +121,10 @@ class Generator:
                  lora_scale: float = 1.0, eos_token_ids=(), chunk: int = 32):
         self.cfg, self.tokenizer = cfg, tokenizer
         layers = params["layers"]  # stacked (as loaded or trained) or already per-layer (shared by with_adapter)
-        self.params = params if isinstance(layers, list) else {**params, "layers": M.unstack_layers(layers, cfg.num_layers)}
-        self.lora = lora if lora is None or isinstance(lora, list) else M.unstack_layers(lora, cfg.num_layers)
+        if not isinstance(layers, list):
+            params = {**params, "layers": unstack_layers(layers, cfg.num_layers)}
+        self.params = params
+        self.lora = lora if lora is None or isinstance(lora, list) else unstack_layers(lora, cfg.num_layers)
         self.dtype, self.lora_scale, self.chunk = dtype, float(lora_scale), chunk
         eos = set(cfg.eos_token_ids) | set(eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

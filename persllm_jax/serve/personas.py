@@ -5,13 +5,16 @@ outputs, and turn growing completion texts into stable streaming deltas."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
 
+from persllm_jax.errors import InputError, PersllmError
+from persllm_jax.io import iter_jsonl
+from persllm_jax.runs import load_stages, read_run, stacked_adapter
 
-class TalkError(ValueError):
+
+class TalkError(PersllmError, ValueError):
     """A user-facing problem with a model, run directory, stage or persona (printed without a traceback)."""
 
 
@@ -26,29 +29,24 @@ class StagePrompt:
 
 
 def corpus_stages(corpus: str | Path, max_rows: int = 200_000) -> list[StagePrompt]:
-    """Every (persona, stage) of an SFT corpus file with the system message its rows carry, in corpus order."""
+    """Every (persona, stage) of an SFT corpus file with the system message its rows carry, in corpus order
+    (the first `max_rows` rows). A line that is not a JSON object is an InputError naming file:line:column."""
     path = Path(corpus)
     if path.is_dir():
         path = path / "sft" / "train.jsonl"
     if not path.is_file():
         raise TalkError(f"{corpus}: corpus file not found (the run's data); cannot look up persona stages")
     seen: dict[tuple, StagePrompt] = {}
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i >= max_rows:
-                break
-            if '"stage"' not in line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            stage, msgs = row.get("stage"), row.get("messages") or []
-            if not stage or not msgs or msgs[0].get("role") != "system":
-                continue
-            key = (row.get("persona"), stage)
-            if key not in seen:
-                seen[key] = StagePrompt(row.get("persona"), str(stage), str(msgs[0].get("content", "")))
+    for i, (_, row) in enumerate(iter_jsonl(path)):
+        if i >= max_rows:
+            break
+        stage, msgs = row.get("stage"), row.get("messages") or []
+        if not stage or not isinstance(msgs, list) or not msgs or not isinstance(msgs[0], dict) \
+                or msgs[0].get("role") != "system":
+            continue
+        key = (row.get("persona"), stage)
+        if key not in seen:
+            seen[key] = StagePrompt(row.get("persona"), str(stage), str(msgs[0].get("content", "")))
     return list(seen.values())
 
 
@@ -94,16 +92,6 @@ def stage_name(x: StagePrompt, stages: list[StagePrompt]) -> str:
 # -- models and runs --------------------------------------------------------------------------------
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """export.read_run (the one reader of run.json), with its errors as TalkError for the talk commands."""
-    from persllm_jax.export.driver import ExportError, read_run as read_run_json
-
-    try:
-        return read_run_json(run_dir)
-    except ExportError as e:
-        raise TalkError(str(e)) from None
-
-
 class ModelPool:
     """Loads each base model once; trained runs become adapters over the shared base."""
 
@@ -117,8 +105,8 @@ class ModelPool:
 
     def base(self, spec: str | None):
         from persllm_jax.model.config import ModelConfigError
-        from persllm_jax.serve.engine import Generator
         from persllm_jax.model.weights import WeightsError, load_model, load_tokenizer
+        from persllm_jax.serve.engine import Generator
 
         key = spec or "smollm2"
         if key not in self.bases:
@@ -135,9 +123,7 @@ class ModelPool:
 
     def run(self, run_dir: str | Path, base_spec: str | None = None, step: int | None = None):
         """(Generator, stages) for a trained run: its adapter over `base_spec` (default: the run's model)."""
-        from persllm_jax.export.driver import ExportError, load_stages
         from persllm_jax.serve.engine import Generator
-        from persllm_jax.export.peft import stacked_adapter
 
         info = read_run(run_dir)
         spec = base_spec or info.get("model")
@@ -152,10 +138,7 @@ class ModelPool:
         if base_spec and info.get("model") and base_spec != info.get("model"):
             self.log(f"note: {run_dir} was trained on {info.get('model')}; using it over {base_spec} "
                      f"(same architecture)")
-        try:  # the run and its parents (a DPO run over its SFT run), root first
-            _, _, chain = load_stages(run_dir, step)
-        except ExportError as e:
-            raise TalkError(str(e)) from None
+        _, _, chain = load_stages(run_dir, step)  # the run and its parents (a DPO run over its SFT run), root first
         # weights after the last full fine-tuning stage (else the shared base), then the LoRA stages after it
         # stacked into one adapter, so any number of chained adapters still shares the base in memory
         full = [i for i, st in enumerate(chain) if st.kind != "lora"]
@@ -171,7 +154,7 @@ class ModelPool:
         if info.get("data"):
             try:
                 stages = corpus_stages(info["data"])
-            except TalkError as e:
+            except (TalkError, InputError) as e:  # serving works without them; only stage names are lost
                 self.log(f"note: {e}")
         return gen, stages
 

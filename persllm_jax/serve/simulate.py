@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import re
 from pathlib import Path
 
+from persllm_jax.io import atomic_write_text, write_jsonl
 from persllm_jax.serve.engine import Generator, SamplingParams
 from persllm_jax.serve.personas import ModelPool, TalkError, find_stage, split_model_stage, split_thoughts
 
@@ -109,6 +109,7 @@ def run_scene(agents: list[Agent], scene: str, turns: int, sampling: SamplingPar
 
 
 def write_transcript(out: str | Path, scene: str, agents: list[Agent], transcript: list[dict]) -> tuple[Path, Path]:
+    """OUT.jsonl (a scene row, then one row per turn) and OUT.md (the readable transcript)."""
     base = Path(out)
     if base.suffix in (".jsonl", ".md"):
         base = base.with_suffix("")
@@ -116,9 +117,7 @@ def write_transcript(out: str | Path, scene: str, agents: list[Agent], transcrip
     jsonl, md = base.with_name(base.name + ".jsonl"), base.with_name(base.name + ".md")
     head = {"type": "scene", "scene": scene, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "agents": [{"name": a.name, "model": a.model, "stage": a.stage, "system": a.system} for a in agents]}
-    with jsonl.open("w", encoding="utf-8") as f:
-        for row in [head, *transcript]:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(jsonl, [head, *transcript])
     lines = ["# Scene", "", scene, "", "## Participants", ""]
     for a in agents:
         lines.append(f"- **{a.name}**: {a.model}" + (f" (stage {a.stage})" if a.stage else "")
@@ -128,5 +127,5 @@ def write_transcript(out: str | Path, scene: str, agents: list[Agent], transcrip
         lines += [f"**{t['agent']}:** {t['text'] or '(silence)'}", ""]
         if t["analysis"]:
             lines += ["<details><summary>analysis</summary>", "", t["analysis"], "", "</details>", ""]
-    md.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(md, "\n".join(lines))
     return jsonl, md

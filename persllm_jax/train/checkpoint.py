@@ -6,7 +6,8 @@ Items per step:
     opt_state        optax state
     train_state      {"step", "rng"}
     meta             JSON: step, data position (rows consumed), trainable kind
-The frozen base is not saved: RUN_DIR/run.json names the model it came from.
+The frozen base is not saved: RUN_DIR/run.json names the model it came from. Reading run directories
+(steps, run.json, chains of runs) is persllm_jax/runs.py.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from persllm_jax.errors import PersllmError
+
+
+class CheckpointError(PersllmError):
+    """A run without the checkpoint asked for."""
+
 
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=opts)
-
-
-def latest_step(mgr: ocp.CheckpointManager) -> int | None:
-    return mgr.latest_step()
 
 
 def save(mgr: ocp.CheckpointManager, step: int, trainable, opt_state, train_state, meta: dict, kind: str = "lora"):
@@ -57,7 +60,7 @@ def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None 
     mgr = manager(run_dir, create=False)
     step = mgr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint")
+        raise CheckpointError(f"{run_dir}: no checkpoint")
     meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     kind = kind or meta.get("kind", "lora")
     # A checkpoint written by several hosts names devices this process lacks: restore onto the default device.
@@ -66,4 +69,4 @@ def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None 
     return out[kind], meta
 
 
-__all__ = ["manager", "latest_step", "save", "restore", "load_trained"]
+__all__ = ["CheckpointError", "manager", "save", "restore", "load_trained"]

@@ -1,23 +1,18 @@
 """Typed training configs: dataclasses loaded from YAML, every field overridable with `--set key=value`.
 
-Nested sections are dataclasses too (`lora.rank`, `mesh.fsdp`). Unknown keys are rejected with the list of
-valid ones; values are checked against the field types. DPO extends `TrainConfig` by subclassing the
-dataclass (adding `beta`, `loss_type`, ...); `load_config(cls, ...)` works for any such class.
+Nested sections are dataclasses too (`lora.rank`, `mesh.fsdp`). Loading (unknown keys, coercion, `--set`) is
+`persllm_jax.settings`; this module holds the schemas and their value checks. DPO extends `TrainConfig` by
+subclassing the dataclass (adding `beta`, `loss_type`, ...); `load_config(cls, ...)` works for any such class.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-
-class ConfigError(ValueError):
-    pass
+from persllm_jax import settings
+from persllm_jax.io import atomic_write_text
+from persllm_jax.settings import ConfigError
 
 
 @dataclass
@@ -89,113 +84,9 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool = False  # reference log-probs computed once before training, cached under the run dir
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
-
-
-def valid_keys(cls, prefix: str = "") -> list[str]:
-    out = []
-    for name, (_, tp) in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            out += valid_keys(tp, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
-def _coerce(value, tp, key: str, where: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key, where)
-    if origin is list:
-        (item,) = typing.get_args(tp) or (str,)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        return [_coerce(v, item, key, where) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `5e-5` as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _apply(obj, mapping: dict, where: str, prefix: str = ""):
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: section {prefix.rstrip('.') or '<top>'} must be a mapping")
-    fields = _fields(type(obj))
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown config key {full!r}; valid keys: {', '.join(valid_keys(type(obj), prefix))}")
-        _, tp = fields[key]
-        if dataclasses.is_dataclass(tp):
-            _apply(getattr(obj, key), value, where, full + ".")
-        else:
-            setattr(obj, key, _coerce(value, tp, full, where))
-
-
-def parse_set(items) -> list[tuple[str, object]]:
-    out = []
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
-    return out
-
-
-def _nest(key: str, value) -> dict:
-    d = value
-    for part in reversed(key.split(".")):
-        d = {part: d}
-    return d
-
-
 def load_config(cls=TrainConfig, path: str | Path | None = None, overrides=(), base: dict | None = None):
-    """`cls()` updated by `base` (a dict), then the YAML file at `path`, then `--set` overrides, in order."""
-    cfg = cls()
-    if base:
-        _apply(cfg, base, "defaults")
-    if path:
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
-        _apply(cfg, data, str(p))
-    for key, value in parse_set(overrides):
-        _apply(cfg, _nest(key, value), f"--set {key}")
+    """`cls()` updated by `base` (a dict), then the YAML file at `path`, then `--set` overrides, then validated."""
+    cfg = settings.load(cls, path, overrides, base=base)
     validate(cfg)
     return cfg
 
@@ -227,13 +118,8 @@ def validate(cfg) -> None:
             raise ConfigError(f"config: mesh.{axis} must be a positive size or -1, got {v}")
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, settings.dump(cfg))
 
 
-__all__ = ["TrainConfig", "DPOConfig", "LoraConfig", "MeshConfig", "ConfigError", "load_config", "save_config", "to_dict",
-           "valid_keys", "parse_set"]
+__all__ = ["TrainConfig", "DPOConfig", "LoraConfig", "MeshConfig", "ConfigError", "load_config", "save_config"]

@@ -1,6 +1,6 @@
 """SFT data: JSONL chat rows -> tokens with assistant masks -> packed rows with segment ids -> batches.
 
-- `read_jsonl` names file and line in every error.
+- `read_rows` (persllm_jax.io's JSONL reader) names file, line and column in every error.
 - `tokenize_chat` renders with the tokenizer's chat template and marks as trained exactly the tokens of each
   assistant message's content plus its end-of-turn token (found by rendering prefixes of the conversation).
 - `pack_rows` puts whole documents into rows of `max_length` (best-fit decreasing): segment ids 1, 2, ... per document (0 =
@@ -12,18 +12,20 @@
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from persllm_jax.errors import InputError
+from persllm_jax.io import iter_jsonl
+
 ROLES = ("system", "user", "assistant", "tool")
 EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-class DataError(ValueError):
-    pass
+class DataError(InputError):
+    """Training data that cannot be used as it is; the message names the file and line."""
 
 
 @dataclass
@@ -43,33 +45,22 @@ class DataStats:
     extra: dict = field(default_factory=dict)
 
 
-def corpus_file(path: str | Path, split: str = "train") -> Path:
+def corpus_file(path: str | Path, split: str = "train", section: str = "sft") -> Path:
+    """CORPUS_DIR/<section>/<split>.jsonl for a corpus folder, else `path` itself (a .jsonl file)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "sft" / f"{split}.jsonl"
+        p = p / section / f"{split}.jsonl"
     if not p.is_file():
-        raise DataError(f"{p}: no such file (expected CORPUS_DIR/sft/{split}.jsonl or a .jsonl file)")
+        raise DataError(f"{p}: no such file (expected CORPUS_DIR/{section}/{split}.jsonl or a .jsonl file)")
     return p
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """[(\"file:line\", row)] for every non-blank line; a malformed line is an error naming file and line."""
-    p = Path(path)
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
+def read_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """[("file:line", row)] of a corpus file (persllm_jax.io's reader: errors name file, line and column); an
+    empty file is an error."""
+    rows = list(iter_jsonl(path))
     if not rows:
-        raise DataError(f"{p}: empty corpus (no rows)")
+        raise DataError(f"{path}: empty corpus (no rows)")
     return rows
 
 
@@ -141,7 +132,7 @@ def tokenize_chat(tokenizer, msgs: list[dict], where: str = "") -> Example:
 
 
 def load_examples(tokenizer, path: str | Path, max_length: int) -> tuple[list[Example], DataStats]:
-    rows = read_jsonl(path)
+    rows = read_rows(path)
     stats = DataStats()
     out = []
     for where, row in rows:
@@ -245,5 +236,5 @@ def batches(examples, max_length: int, rows_per_step: int, seed: int, start_row:
         yield batch, start_row
 
 
-__all__ = ["DataError", "Example", "DataStats", "corpus_file", "read_jsonl", "check_messages", "tokenize_chat",
+__all__ = ["DataError", "Example", "DataStats", "corpus_file", "read_rows", "check_messages", "tokenize_chat",
            "assistant_spans", "load_examples", "pack_rows", "epoch_rows", "batches"]

@@ -13,8 +13,10 @@ import os
 
 import jax
 
+from persllm_jax.errors import PersllmError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(PersllmError, RuntimeError):
     pass
 
 

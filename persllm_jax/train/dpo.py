@@ -9,6 +9,8 @@ Rows. A pair is one document `[prompt | chosen | rejected]`: chosen and rejected
 is computed once, not twice as in padded [chosen; rejected] batches, and chosen and rejected are scored in the same
 forward pass. Whole documents are packed best-fit into rows of `max_length` tokens (segment ids per pair).
 
+The data side (tokenising pairs, packing rows) is train/dpo_data.py.
+
 Log-probs. Only completion tokens reach the vocabulary projection: each row lists its K completion tokens
 (`comp_src` = the slot whose hidden state predicts it, `comp_tgt`, `comp_w`, `comp_seq` = 2*pair + branch), so the
 fp32 logits are [B, K, V], not [B, T, V]. Tokenisation follows TRL: completion = the tokens of
@@ -25,11 +27,9 @@ known from the batch before the forward pass), so gradient accumulation equals o
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -37,261 +37,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from persllm_jax.train import distributed
+from persllm_jax.io import atomic_replace, jnp_dtype
 from persllm_jax.model import lora as lora_mod
-from persllm_jax.train import sharding as shd
-from persllm_jax.train import sft as T
 from persllm_jax.model.config import ModelConfig
-from persllm_jax.train.data import DataError, check_messages, read_jsonl
-from persllm_jax.model.decoder import ATTN_BLOCK, _layer, linear_shapes, logits_from_hidden, rms_norm, rope_cos_sin
+from persllm_jax.model.decoder import hidden_states, linear_shapes, logits_from_hidden
+from persllm_jax.runs import load_chain, merged_params
+from persllm_jax.train import distributed, sft
+from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import DPOConfig
-
-ROW_KEYS = ("tokens", "positions", "segment_ids", "branch")
-COMP_KEYS = ("comp_src", "comp_tgt", "comp_w", "comp_seq")
-PAIR_KEYS = ("pair_id", "pair_valid", "ref_chosen", "ref_rejected")
-BATCH_KEYS = ROW_KEYS + COMP_KEYS + PAIR_KEYS
-FLOAT_KEYS = ("comp_w", "pair_valid", "ref_chosen", "ref_rejected")
-
-
-# --- data ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pair:
-    prompt: np.ndarray  # int32 ids
-    chosen: np.ndarray
-    rejected: np.ndarray
-    index: int  # row number in the corpus (keys the reference cache)
-    where: str = ""
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.chosen) + len(self.rejected)
-
-    @property
-    def completion(self) -> int:
-        return len(self.chosen) + len(self.rejected)
-
-
-@dataclass
-class PairStats:
-    pairs: int = 0
-    truncated: int = 0  # completions shortened to fit prompt+chosen+rejected into max_length
-    dropped: int = 0  # prompt too long, or an empty completion
-    tokens: int = 0  # prompt + chosen + rejected (the prompt once)
-    completion_tokens: int = 0
-
-
-def dpo_file(path: str | Path, split: str = "train") -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "dpo" / f"{split}.jsonl"
-    if not p.is_file():
-        raise DataError(f"{p}: no such file (expected CORPUS_DIR/dpo/{split}.jsonl or a .jsonl file)")
-    return p
-
-
-def _messages(row: dict, key: str, where: str, need_assistant: bool) -> list[dict]:
-    value = row.get(key)
-    if isinstance(value, str) and key != "prompt":
-        value = [{"role": "assistant", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: missing or empty {key!r} message list")
-    try:
-        msgs = check_messages({"messages": value + ([] if need_assistant else [{"role": "assistant", "content": ""}])},
-                              where)
-    except DataError as e:
-        raise DataError(str(e).replace("messages[", f"{key}[")) from None
-    return msgs if need_assistant else msgs[:-1]
-
-
-def _ids(tokenizer, msgs, gen: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_pair(tokenizer, row: dict, index: int, where: str = "") -> Pair:
-    """TRL's split: prompt = common prefix of the prompt (with generation prompt) and each full rendering."""
-    prompt = _messages(row, "prompt", where, False)
-    chosen, rejected = _messages(row, "chosen", where, True), _messages(row, "rejected", where, True)
-    p = _ids(tokenizer, prompt, True)
-    pc, pr = _ids(tokenizer, prompt + chosen, False), _ids(tokenizer, prompt + rejected, False)
-    n = min(_common(p, pc), _common(p, pr))
-    as_np = lambda x: np.asarray(x, np.int32)  # noqa: E731
-    return Pair(as_np(p[:n]), as_np(pc[n:]), as_np(pr[n:]), index, where)
-
-
-def fit_pair(pair: Pair, max_length: int) -> Pair | None:
-    """Shorten the longer completion first so the document fits `max_length`; None if nothing would be left."""
-    budget = max_length - len(pair.prompt)
-    c, r = len(pair.chosen), len(pair.rejected)
-    if len(pair.prompt) == 0 or c == 0 or r == 0 or budget < 2:
-        return None
-    if c + r <= budget:
-        return pair
-    half = budget // 2
-    if c <= half:
-        r = budget - c
-    elif r <= budget - half:
-        c = budget - r
-    else:
-        c, r = half, budget - half
-    return Pair(pair.prompt, pair.chosen[:c], pair.rejected[:r], pair.index, pair.where)
-
-
-def load_pairs(tokenizer, path: str | Path, max_length: int) -> tuple[list[Pair], PairStats]:
-    rows = read_jsonl(path)
-    stats, out = PairStats(), []
-    for i, (where, row) in enumerate(rows):
-        pair = tokenize_pair(tokenizer, row, i, where)
-        stats.pairs += 1
-        fitted = fit_pair(pair, max_length)
-        if fitted is None:
-            stats.dropped += 1
-            continue
-        stats.truncated += fitted is not pair
-        stats.tokens += fitted.length
-        stats.completion_tokens += fitted.completion
-        out.append(fitted)
-    if not out:
-        raise DataError(f"{path}: no pair fits max_length={max_length} with a non-empty chosen and rejected answer")
-    return out, stats
-
-
-def _assign(pairs: list[Pair], T_: int, K: int, S: int, packing: bool) -> list[list[Pair]]:
-    """Best-fit decreasing into rows of T_ tokens, at most K completion tokens and S pairs per row."""
-    if not packing:
-        return [[p] for p in pairs]
-    rows: list[list[Pair]] = []
-    comp: list[int] = []
-    free: list[tuple[int, int]] = []  # sorted (room left, row index)
-    for i in sorted(range(len(pairs)), key=lambda i: -pairs[i].length):
-        pr = pairs[i]
-        j = bisect.bisect_left(free, (pr.length, -1))
-        while j < len(free) and (comp[free[j][1]] + pr.completion > K or len(rows[free[j][1]]) >= S):
-            j += 1
-        if j < len(free):
-            room, r = free.pop(j)
-        else:
-            room, r = T_, len(rows)
-            rows.append([])
-            comp.append(0)
-        rows[r].append(pr)
-        comp[r] += pr.completion
-        if room - pr.length > 0:
-            bisect.insort(free, (room - pr.length, r))
-    return rows
-
-
-def budgets(pairs: list[Pair], max_length: int, packing: bool) -> tuple[int, int]:
-    """(K, S): completion tokens and pairs per row, from epoch 0's packing (static shapes for the whole run)."""
-    rows = _assign(pairs, max_length, max_length, max_length, packing)
-    k = max(sum(p.completion for p in r) for r in rows)
-    return min(max_length, -(-k // 8) * 8), max(len(r) for r in rows)
-
-
-def pack_pairs(pairs: list[Pair], max_length: int, K: int, S: int, packing: bool = True) -> dict[str, np.ndarray]:
-    rows = _assign(pairs, max_length, K, S, packing)
-    N = len(rows)
-    out = {k: np.zeros((N, max_length), np.int32) for k in ROW_KEYS}
-    out.update({k: np.zeros((N, K), np.int32) for k in COMP_KEYS})
-    out.update({k: np.zeros((N, S), np.int32) for k in PAIR_KEYS})
-    for k in FLOAT_KEYS:
-        out[k] = out[k].astype(np.float32)
-    out["pair_id"][:] = -1
-    for r, docs in enumerate(rows):
-        o = k = 0
-        for s, pr in enumerate(docs):
-            P, C, R = len(pr.prompt), len(pr.chosen), len(pr.rejected)
-            sl = slice(o, o + P + C + R)
-            out["tokens"][r, sl] = np.concatenate([pr.prompt, pr.chosen, pr.rejected])
-            out["positions"][r, sl] = np.concatenate([np.arange(P), P + np.arange(C), P + np.arange(R)])
-            out["segment_ids"][r, sl] = s + 1
-            out["branch"][r, sl] = np.repeat([0, 1, 2], [P, C, R])
-            src = np.concatenate([o + P - 1 + np.arange(C), [o + P - 1], o + P + C + np.arange(R - 1)])
-            out["comp_src"][r, k:k + C + R] = src
-            out["comp_tgt"][r, k:k + C + R] = np.concatenate([pr.chosen, pr.rejected])
-            out["comp_w"][r, k:k + C + R] = 1.0
-            out["comp_seq"][r, k:k + C + R] = np.repeat([2 * s, 2 * s + 1], [C, R])
-            out["pair_id"][r, s] = pr.index
-            out["pair_valid"][r, s] = 1.0
-            o, k = o + P + C + R, k + C + R
-    return out
-
-
-def epoch_rows(pairs, max_length, K, S, seed, epoch, shuffle=True, packing=True) -> dict[str, np.ndarray]:
-    """One epoch's rows, a pure function of (seed, epoch) as for SFT."""
-    if not shuffle:
-        return pack_pairs(pairs, max_length, K, S, packing)
-    rng = np.random.default_rng([seed, epoch])
-    rows = pack_pairs([pairs[i] for i in rng.permutation(len(pairs))], max_length, K, S, packing)
-    order = rng.permutation(len(rows["tokens"]))
-    return {k: v[order] for k, v in rows.items()}
-
-
-def batches(rows_of_epoch, rows_per_step: int, start_row: int = 0):
-    """Endless (batch, next_row) stream over epochs; the data position is the number of rows consumed."""
-    epoch, offset = 0, start_row
-    rows = rows_of_epoch(0)
-    while offset >= len(rows["tokens"]):
-        offset -= len(rows["tokens"])
-        epoch += 1
-        rows = rows_of_epoch(epoch)
-    while True:
-        parts, need = [], rows_per_step
-        while need:
-            n = len(rows["tokens"])
-            take = min(need, n - offset)
-            parts.append({k: v[offset:offset + take] for k, v in rows.items()})
-            need, offset = need - take, offset + take
-            if offset >= n:
-                epoch, offset = epoch + 1, 0
-                rows = rows_of_epoch(epoch)
-        start_row += rows_per_step
-        yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, start_row
-
+from persllm_jax.train.dpo_data import (
+    BATCH_KEYS,
+    Pair,
+    batches,
+    budgets,
+    dpo_file,
+    epoch_rows,
+    load_pairs,
+    pack_pairs,
+)
+from persllm_jax.train.loop import train_loop
 
 # --- model side ------------------------------------------------------------------------------------
 
 
-def pair_hidden(params, mcfg: ModelConfig, batch: dict, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
-                remat=False):
-    """Final-normed hidden states [B, T, D] with the shared-prompt mask (model.hidden_states otherwise)."""
-    tokens, pos, seg, br = batch["tokens"], batch["positions"], batch["segment_ids"], batch["branch"]
-    Tn = tokens.shape[1]
-    h = shd.constrain_batch(params["embed_tokens"][tokens].astype(jnp.float32))  # as model.hidden_states
-    cos, sin = rope_cos_sin(mcfg, pos)
-    idx = jnp.arange(Tn)
-    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (idx[None, None, :] <= idx[None, :, None])
-    mask = mask & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None]))
-    if mcfg.sliding_window:
-        mask = mask & (pos[:, :, None] - pos[:, None, :] < mcfg.sliding_window)
-    mask = mask[:, None, None, :, :]
-    kv_fn = lambda k, v: (k, v, mask, False)  # noqa: E731
-
-    def body(h, xs):
-        layer, lora_layer = xs
-        return shd.constrain_batch(_layer(mcfg, dtype, lora_scale, h, layer, lora_layer, cos, sin, kv_fn,
-                                          ATTN_BLOCK)), None  # the mask is causal by slot: blocks are exact
-
-    if remat:
-        body = jax.checkpoint(body)
-    h, _ = jax.lax.scan(body, h, (params["layers"], lora))
-    return rms_norm(h, params["norm"], mcfg.rms_norm_eps, dtype)
-
-
 def sequence_logps(params, mcfg: ModelConfig, batch: dict, **kw):
     """fp32 (chosen, rejected, chosen_tokens, rejected_tokens), each [B, S]: summed completion log-probs."""
-    h = pair_hidden(params, mcfg, batch, **kw)
+    h = hidden_states(params, mcfg, batch["tokens"], batch["positions"], batch["segment_ids"],
+                      branch=batch["branch"], **kw)
     hs = jnp.take_along_axis(h, batch["comp_src"][..., None], axis=1)  # [B, K, D]: completion positions only
     logits = logits_from_hidden(params, hs)  # fp32 [B, K, V]
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -326,7 +98,7 @@ def totals(batch: dict):
 def make_loss(cfg: DPOConfig, mcfg: ModelConfig):
     """(policy_logps, ref_logps, loss_fn). loss_fn(trainable, frozen, mb, ref, key, n_pairs, n_chosen)
     -> (loss, sums) where `ref` = (ref_chosen, ref_rejected) [B, S] and `sums` are metric numerators."""
-    dtype = T.DTYPES[cfg.dtype]
+    dtype = jnp_dtype(cfg.dtype)
     scale = lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
 
     def policy_logps(trainable, frozen, mb, key):
@@ -392,7 +164,7 @@ def make_dpo_step(cfg: DPOConfig, mcfg: ModelConfig, optimizer, schedule, online
 
 def dpo_flops_per_token(mcfg: ModelConfig, seq_len: int, lora_params: int | None, online_ref: bool) -> float:
     """train.flops_per_token plus, with an online reference, one more forward (2N + A) per token."""
-    fpt = T.flops_per_token(mcfg, seq_len, lora_params)
+    fpt = sft.flops_per_token(mcfg, seq_len, lora_params)
     if online_ref:
         n = mcfg.num_layers * sum(i * o for i, o in linear_shapes(mcfg).values()) + mcfg.hidden_size * mcfg.vocab_size
         fpt += 2.0 * n + 4 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * seq_len
@@ -458,9 +230,11 @@ def precompute_ref(cfg: DPOConfig, mcfg: ModelConfig, ref_params, pairs: list[Pa
         cache_dir.mkdir(parents=True, exist_ok=True)
         for old in cache_dir.glob("*.npz"):
             old.unlink()
-        tmp = cache_dir / f".{key}.tmp.npz"
-        np.savez(tmp, chosen=chosen, rejected=rejected)
-        tmp.replace(path)
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, chosen=chosen, rejected=rejected)
+
+        atomic_replace(path, write)
     log(f"reference log-probs: computed for {len(pairs)} pairs, cached in {path}")
     return chosen, rejected
 
@@ -475,10 +249,8 @@ def base_params(cfg: DPOConfig, loaded=None, log=print):
     if not cfg.from_run:
         loaded = loaded or load_model(cfg.model)
         return loaded, loaded.params, cfg.model, {}
-    from persllm_jax.export import driver as export
-
-    chain = export.load_chain(cfg.from_run, None if cfg.from_step < 0 else cfg.from_step)
-    params = export.merged_params(chain)
+    chain = load_chain(cfg.from_run, None if cfg.from_step < 0 else cfg.from_step)
+    params = merged_params(chain)
     parent = {"parent_run": str(Path(cfg.from_run).resolve()), "parent_step": chain.last.step, "stage": "dpo"}
     log(f"reference: {cfg.from_run} step {chain.last.step} merged into {chain.base_spec}")
     return chain.base, params, chain.base_spec, parent
@@ -508,8 +280,8 @@ def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, dev
     rows_per_step = cfg.batch_size * cfg.grad_accum
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(rows_of_epoch(0)["tokens"]) / rows_per_step))
 
-    optimizer, schedule = T.make_optimizer(cfg, total)
-    state, frozen = T.init_state(cfg, mcfg, params, optimizer, mesh)
+    optimizer, schedule = sft.make_optimizer(cfg, total)
+    state, frozen = sft.init_state(cfg, mcfg, params, optimizer, mesh)
     online = not cfg.precompute_ref
     if not cfg.lora.enabled:  # full fine-tuning: the reference is a frozen copy, or nothing once precomputed
         ref = shd.shard_tree(params, shd.tree_shardings(params, mesh))
@@ -522,11 +294,11 @@ def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, dev
         ref_c, ref_r = precompute_ref(cfg, mcfg, ref, pairs, run_dir, mesh, K, S, n_index, log)
     del ref, params
     step = make_dpo_step(cfg, mcfg, optimizer, schedule, online)
-    step_fn, _, _, b_sh = T.compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=step,
+    step_fn, _, _, b_sh = sft.compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=step,
                                          batch_keys=BATCH_KEYS)
     kind = "lora" if cfg.lora.enabled else "params"
     info = {"model": spec, "model_source": base.source, "model_config": base.hf_config, "kind": kind,
-            "lora": T.lora_info_of(cfg), "data": str(path), "data_stats": vars(stats), "total_steps": total,
+            "lora": sft.lora_info_of(cfg), "data": str(path), "data_stats": vars(stats), "total_steps": total,
             "mesh": dict(mesh.shape), **parent,
             "dpo": {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing,
                     "nll_weight": cfg.nll_weight, "precompute_ref": cfg.precompute_ref,
@@ -542,13 +314,12 @@ def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, dev
                 host["ref_rejected"] = np.where(ids >= 0, ref_r[np.maximum(ids, 0)], 0).astype(np.float32)
             yield host, nxt
 
-    out = T.train_loop(cfg, run_dir, state=state, frozen=frozen, step_fn=step_fn, b_sh=b_sh, stream=stream,
+    out = train_loop(cfg, run_dir, state=state, frozen=frozen, step_fn=step_fn, b_sh=b_sh, stream=stream,
                        total=total, kind=kind, info=info, fpt=fpt, desc="dpo", progress=progress, log=log,
                        int_metrics=("trained_tokens", "pairs"))
     out.update(mesh=mesh, stats=stats, K=K, S=S)
     return out
 
 
-__all__ = ["Pair", "PairStats", "dpo_file", "tokenize_pair", "load_pairs", "pack_pairs", "epoch_rows", "budgets",
-           "pair_hidden", "sequence_logps", "pair_losses", "make_loss", "make_dpo_step", "precompute_ref",
+__all__ = ["sequence_logps", "pair_losses", "make_loss", "make_dpo_step", "precompute_ref",
            "ref_cache_key", "run"]

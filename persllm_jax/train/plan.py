@@ -1,4 +1,5 @@
-"""`persllm plan`: will a training recipe fit the chips it is meant for? Checked before launch, on a CPU.
+"""The training plan: will a recipe fit the chips it is meant for? Checked before launch, on a CPU
+(`persllm plan`, cli/plan.py).
 
 The train step is compiled ahead of time, exactly as `persllm train sft` compiles it (same mesh, shardings,
 donation, remat, dtypes), from abstract shapes only (`jax.eval_shape` of the initialisers: no weights are
@@ -11,18 +12,21 @@ Caveat: the program is compiled for the CPU backend. Its buffer assignment and f
 the high side; weights, optimizer state and batch are exact, since they follow from shapes and shardings.
 
 A config names its model as an HF directory, a `config.json` path, a .gguf file, `smollm2`, or a named
-shape `shape:NAME` (see SHAPES) that needs no files at all.
+shape `shape:NAME` (model/shapes.py) that needs no files at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from persllm_jax.errors import PersllmError
+from persllm_jax.model.shapes import SHAPES, hf_config_of, model_config
 
 GiB = 1024 ** 3
 
@@ -34,76 +38,8 @@ DEVICE_KINDS = {  # per-device memory the program may use
     "cpu": None,  # host RAM, shared by the emulated devices
 }
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-
-SHAPES: dict[str, dict] = {  # HF config.json fields of public architectures (weights not needed to plan)
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
-                         tie_word_embeddings=True, max_position_embeddings=8192),
-    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                     tie_word_embeddings=True, max_position_embeddings=131072,
-                     rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
-    "llama-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-                     num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-                     tie_word_embeddings=True, max_position_embeddings=131072,
-                     rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
-    "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     tie_word_embeddings=False, max_position_embeddings=131072,
-                     rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
-    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                      tie_word_embeddings=False, max_position_embeddings=4096),
-    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=32768),
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
-                       tie_word_embeddings=False, max_position_embeddings=32768),
-}
-
-
-class PlanError(ValueError):
+class PlanError(PersllmError, ValueError):
     pass
-
-
-def hf_config_of(model: str) -> tuple[dict, str]:
-    """(HF config dict, where it came from) for a model spec, without reading any weights."""
-    if model.startswith("shape:"):
-        name = model[len("shape:"):]
-        if name not in SHAPES:
-            raise PlanError(f"model {model!r}: unknown shape; known: {', '.join('shape:' + s for s in SHAPES)}")
-        return dict(SHAPES[name]), model
-    from persllm_jax.model.weights import WeightsError, resolve_model_path
-
-    if model.endswith(".json"):
-        path = model
-    else:
-        try:
-            path = resolve_model_path(model)
-        except WeightsError as e:
-            raise PlanError(str(e).splitlines()[0]) from None
-    p = Path(path)
-    if p.suffix == ".gguf":
-        import gguf
-
-        from persllm_jax.model.weights import gguf_hf_config
-
-        return gguf_hf_config(gguf.GGUFReader(str(p)), str(p)), str(p)
-    cfg_file = p / "config.json" if p.is_dir() else p
-    try:
-        return json.loads(cfg_file.read_text()), str(cfg_file)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PlanError(f"model {model!r}: cannot read {cfg_file}: {e}") from None
-
-
-def model_config(model: str):
-    from persllm_jax.model.config import from_hf_dict
-
-    hf, source = hf_config_of(model)
-    return from_hf_dict(hf, source)
 
 
 def host_ram() -> int:
@@ -133,14 +69,15 @@ def _saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | N
     import jax
     import jax.numpy as jnp
 
+    from persllm_jax.io import jnp_dtype
     from persllm_jax.model import lora as lora_mod
-    from persllm_jax.train.sft import DTYPES, token_nll_sum
+    from persllm_jax.train.sft import token_nll_sum
 
     try:
         from jax._src.ad_checkpoint import saved_residuals
     except ImportError:  # a private helper: without it the split is not shown
         return None
-    dtype, scale = DTYPES[cfg.dtype], lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
+    dtype, scale = jnp_dtype(cfg.dtype), lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
     spec = jax.ShapeDtypeStruct((micro_rows, cfg.max_length), jnp.int32)
     batch = {k: spec for k in ("tokens", "targets", "positions", "segment_ids")}
     batch["weights"] = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
@@ -162,34 +99,22 @@ def abstract_step(cfg, n_devices: int, devices=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from persllm_jax.model import lora as lora_mod
-    from persllm_jax.train import sharding as shd
-    from persllm_jax.train import sft as T
+    from persllm_jax.io import jnp_dtype
     from persllm_jax.model.decoder import init_params
+    from persllm_jax.train import sft
+    from persllm_jax.train import sharding as shd
 
     mcfg = model_config(cfg.model)
     devices = list(devices if devices is not None else jax.devices())[:n_devices]
     if len(devices) < n_devices:
         raise PlanError(f"plan: {n_devices} devices asked for but this process has {len(devices)}")
-    mesh = shd.make_mesh(cfg.mesh, devices)
+    mesh = shd.make_train_mesh(cfg.mesh, devices, cfg.batch_size)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % dp:
-        raise shd.MeshError(f"batch_size ({cfg.batch_size}) must divide by mesh data*fsdp ({dp})")
-    param_dtype = T.DTYPES[getattr(cfg, "param_dtype", "float32")]
+    param_dtype = jnp_dtype(getattr(cfg, "param_dtype", "float32"))
     params = jax.eval_shape(lambda: init_params(mcfg, jax.random.PRNGKey(0), param_dtype))
-    optimizer, schedule = T.make_optimizer(cfg, max(cfg.steps, 1000))
-
-    def init(params):  # train.init_state without placement
-        if cfg.lora.enabled:
-            trainable = lora_mod.init_lora(mcfg, jax.random.PRNGKey(0), cfg.lora.rank, cfg.lora.targets)
-            frozen = params
-        else:
-            trainable, frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params), {}
-        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
-                "rng": jax.random.PRNGKey(0)}, frozen
-
-    state, frozen = jax.eval_shape(init, params)
-    step_fn, st_sh, fr_sh, b_sh = T.compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh)
+    optimizer, schedule = sft.make_optimizer(cfg, max(cfg.steps, 1000))
+    state, frozen = jax.eval_shape(lambda p: sft.initial_state(cfg, mcfg, p, optimizer), params)
+    step_fn, st_sh, fr_sh, b_sh = sft.compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh)
     shape = (cfg.grad_accum, cfg.batch_size, cfg.max_length)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     batch["weights"] = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -331,117 +256,43 @@ def _worker_main(argv):
     cfg = load_config(TrainConfig, None, base=json.loads(argv[0]))
     try:
         plan = compute_plan(cfg, int(argv[1]))
-    except (PlanError, ValueError) as e:
+    except PersllmError as e:
         sys.stderr.write(f"{str(e).splitlines()[0]}\n")
         sys.exit(2)
     print(json.dumps(plan))
 
 
-def load_train_config(config_file, sets=(), model=None):
-    """A train config: an SFT or DPO YAML, or a `persllm reproduce` recipe (its `sft` section). The step planned
-    is SFT's; DPO's differs by one reference forward without gradients."""
-    import dataclasses
+def load_train_config(config_file, sets=(), model=None, base: dict | None = None):
+    """A train config (SFT or DPO YAML; DPO when it has DPO keys), over `base` (e.g. a recipe's sft section).
+    The step planned is SFT's; DPO's differs by one reference forward without gradients."""
+    from persllm_jax.settings import read_file
+    from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
 
-    import yaml
-
-    from persllm_jax.train.config import ConfigError, TrainConfig, load_config
-
-    try:
-        doc = yaml.safe_load(Path(config_file).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{config_file}: cannot read config: {str(e).splitlines()[0]}") from None
-    if isinstance(doc, dict) and ("sft" in doc or "include" in doc):  # a reproduce recipe
-        from persllm_jax.pipeline import stages as reproduce
-
-        try:
-            sft = reproduce.train_config(reproduce.load(config_file), "sft")
-        except reproduce.ReproduceError as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        base = {k: v for k, v in dataclasses.asdict(sft).items() if k in names}
-        if model:
-            base["model"] = model
-        return load_config(TrainConfig, None, sets, base=base)
+    if base is not None:
+        return load_config(TrainConfig, None, sets, base={**base, **({"model": model} if model else {})})
+    doc = read_file(config_file)
     base = {"model": model} if model else None
-    try:
-        cfg = load_config(TrainConfig, config_file, sets, base=base)
-    except ConfigError as e:
-        try:
-            from persllm_jax.train.config import DPOConfig
-        except ImportError:
-            raise e from None
-        if "unknown config key" not in str(e):
-            raise
-        cfg = load_config(DPOConfig, config_file, sets, base=base)
+    dpo_keys = {f.name for f in dataclasses.fields(DPOConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = load_config(DPOConfig if dpo_keys & set(doc) else TrainConfig, config_file, sets, base=base)
     if model:  # --model beats the file
         cfg.model = model
     return cfg
 
 
-def _default_devices(cfg) -> int:
+def default_devices(cfg) -> int:
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     return 1 if -1 in sizes else math.prod(sizes)
 
 
 def plan_config_dict(cfg) -> dict:
     """What the worker needs: the TrainConfig fields of `cfg` (DPO-only keys dropped)."""
-    import dataclasses
-
     from persllm_jax.train.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
 
 
-def _click_command():
-    import click
-
-    help_text = ("Compile the train step of CONFIG_FILE for N emulated devices and check it fits the chip's memory.\n\n"
-                 "CONFIG_FILE is a train config (SFT or DPO) or a `persllm reproduce` recipe (its sft stage). No "
-                 "weights are read: the model may be a named shape, e.g. `model: shape:llama-8b` (shapes: "
-                 + ", ".join(SHAPES) + "). Exits 1 when the step does not fit, with fixes to try. See docs/scale.md.")
-
-    @click.command("plan", help=help_text)
-    @click.argument("config_file", type=click.Path(dir_okay=False))
-    @click.option("--devices", "n_devices", type=int, default=None,
-                  help="Devices to plan for (default: the config's mesh size, or 1 when an axis is -1).")
-    @click.option("--device-kind", "kind", type=click.Choice(list(DEVICE_KINDS)), default="cpu", show_default=True,
-                  help="Chip whose memory the plan is checked against.")
-    @click.option("--model", default=None, help="Override the config's model (HF dir, config.json, .gguf, shape:NAME).")
-    @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
-    @click.option("--headroom", type=float, default=0.9, show_default=True,
-                  help="Fraction of the device memory the step may use (the rest: runtime, fragmentation).")
-    @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-    def plan(config_file, n_devices, kind, model, sets, headroom, as_json):
-        from persllm_jax.train.sharding import MeshError
-        from persllm_jax.train.config import ConfigError
-
-        try:
-            cfg = load_train_config(config_file, sets, model)
-            n = n_devices or _default_devices(cfg)
-            cap = capacity(kind, n)
-            result = run_worker(plan_config_dict(cfg), n)
-        except (PlanError, ConfigError, MeshError, FileNotFoundError) as e:
-            raise click.ClickException(str(e).splitlines()[0]) from None
-        text, fits = report(result, kind, cap, headroom)
-        if as_json:
-            fixes = [] if fits else [{"set": a, "why": w} for a, w in suggestions(cfg, result, n)]
-            click.echo(json.dumps({**result, "device_kind": kind, "capacity": cap, "fits": fits, "suggestions": fixes},
-                                  indent=1))
-        else:
-            click.echo(text)
-        if not fits:
-            fixes = format_suggestions(suggestions(cfg, result, n))
-            raise click.ClickException(f"{config_file}: the step needs {result['bytes']['peak'] / GiB:.2f} GiB per "
-                                       f"device, more than {headroom * cap / GiB:.1f} GiB on {n} x {kind}. "
-                                       f"Try:\n{fixes}")
-
-    return plan
-
-
-plan_command = _click_command()
-
-__all__ = ["compute_plan", "abstract_step", "static_bytes", "load_train_config", "plan_command", "report",
+__all__ = ["compute_plan", "abstract_step", "static_bytes", "load_train_config", "report",
            "suggestions", "format_suggestions", "capacity", "model_config", "hf_config_of", "run_worker", "SHAPES",
            "DEVICE_KINDS", "PlanError"]
 

@@ -5,15 +5,13 @@ state = {"step", "trainable", "opt_state", "rng"}; `trainable` is the LoRA adapt
 `[grad_accum, batch_size, max_length]`; the step scans the micro-batches, sums token losses and gradients,
 and normalises once by the number of trained tokens, so accumulation equals one big batch.
 
-MFU counts model FLOPs per non-padding token (stated in `flops_per_token`) against a peak measured with a
-large matmul on this machine (or `peak_tflops`).
+MFU counts model FLOPs per non-padding token (stated in `flops_per_token`) against the peak of train/loop.py.
+The loop itself (resume, metrics, checkpoints) is train/loop.py, shared with DPO.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import jax
@@ -21,17 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from persllm_jax.train import checkpoint
-from persllm_jax.train import data as data_mod
-from persllm_jax.train import distributed
+from persllm_jax.io import jnp_dtype
 from persllm_jax.model import lora as lora_mod
-from persllm_jax.train import sharding as shd
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.decoder import hidden_states, linear_shapes, logits_from_hidden
-from persllm_jax.train.config import TrainConfig, save_config, to_dict
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
+from persllm_jax.train import data as data_mod
+from persllm_jax.train import distributed
+from persllm_jax.train import sharding as shd
+from persllm_jax.train.config import TrainConfig
+from persllm_jax.train.loop import train_loop
 
 # --- loss and step ---------------------------------------------------------------------------------
 
@@ -61,7 +57,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
 
 
 def make_train_step(cfg: TrainConfig, mcfg: ModelConfig, optimizer, schedule):
-    dtype, use_lora = DTYPES[cfg.dtype], cfg.lora.enabled
+    dtype, use_lora = jnp_dtype(cfg.dtype), cfg.lora.enabled
     scale = lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
 
     def loss_fn(trainable, frozen, mb, key):
@@ -139,18 +135,31 @@ def compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=None,
     return jitted, st_sh, fr_sh, b_sh
 
 
-def init_state(cfg: TrainConfig, mcfg: ModelConfig, params, optimizer, mesh):
-    """(state, frozen) placed on the mesh. LoRA: trainable = fresh adapter (B = 0), frozen = base."""
-    key = jax.random.PRNGKey(cfg.seed)
-    init_key, rng = jax.random.split(key)
+def _trainable_and_frozen(cfg: TrainConfig, mcfg: ModelConfig, params, key):
+    """LoRA: a fresh adapter (B = 0) to train over the frozen base; full: an fp32 copy of every weight, nothing
+    frozen."""
     if cfg.lora.enabled:
-        trainable, frozen = lora_mod.init_lora(mcfg, init_key, cfg.lora.rank, cfg.lora.targets), params
-    else:
-        trainable, frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params), {}
+        return lora_mod.init_lora(mcfg, key, cfg.lora.rank, cfg.lora.targets), params
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params), {}
+
+
+def initial_state(cfg: TrainConfig, mcfg: ModelConfig, params, optimizer):
+    """(state, frozen) before placement: a pure function, so `jax.eval_shape` of it is the plan's abstract state."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    trainable, frozen = _trainable_and_frozen(cfg, mcfg, params, init_key)
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
+            "rng": rng}, frozen
+
+
+def init_state(cfg: TrainConfig, mcfg: ModelConfig, params, optimizer, mesh):
+    """`initial_state` placed on the mesh; the weights are sharded before the optimizer moments are made, so the
+    moments are created sharded."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    trainable, frozen = _trainable_and_frozen(cfg, mcfg, params, init_key)
     trainable = shd.shard_tree(trainable, shd.tree_shardings(trainable, mesh))
     frozen = shd.shard_tree(frozen, shd.tree_shardings(frozen, mesh))
-    opt_state = optimizer.init(trainable)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": opt_state, "rng": rng}
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
+             "rng": rng}
     st_sh, _ = state_shardings(state, frozen, mesh)
     return shd.shard_tree(state, st_sh), frozen
 
@@ -170,35 +179,6 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int, lora_params: int | None) ->
     if lora_params is None:
         return 6.0 * n + 3.0 * attn
     return 4.0 * n + 6.0 * lora_params + 3.0 * attn
-
-
-def measure_peak_flops(dim: int = 2048, reps: int = 5) -> float:
-    """Achieved FLOP/s of a large fp32 matmul on device 0 (the machine's practical peak)."""
-    x = jax.device_put(jnp.ones((dim, dim), jnp.float32) * 0.5, jax.local_devices()[0])
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        y = f(x)
-    y.block_until_ready()
-    return 2.0 * dim ** 3 * reps / (time.perf_counter() - t)
-
-
-def peak_flops(cfg: TrainConfig) -> float:
-    n = jax.device_count()
-    if jax.devices()[0].platform == "cpu":
-        n = 1  # emulated CPU devices share the same cores
-    return (cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops()) * n
-
-
-# --- the loop --------------------------------------------------------------------------------------
-
-
-def _trim_metrics(path: Path, upto: int) -> None:
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def lora_info_of(cfg: TrainConfig) -> dict | None:
@@ -248,76 +228,5 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
     return out
 
 
-def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh, stream, total: int, kind: str,
-               info: dict, fpt: float, desc: str, progress: bool = True, log=print, int_metrics=("trained_tokens",)):
-    """The loop shared by SFT and DPO: resume, config.yaml + run.json, metrics.jsonl, progress bar, checkpoints.
-
-    `step_fn(state, frozen, batch) -> (state, metrics)`; `stream(data_pos)` yields (host rows [accum*B, ...],
-    next data_pos). Every metric the step returns goes to metrics.jsonl (floats; `int_metrics` as ints).
-    """
-    mgr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
-    start, data_pos = 0, 0
-    latest = mgr.latest_step()
-    if latest is not None:
-        trainable, opt_state, tstate, meta = checkpoint.restore(
-            mgr, latest, state["trainable"], state["opt_state"], {"step": state["step"], "rng": state["rng"]}, kind)
-        state = {"step": tstate["step"], "trainable": trainable, "opt_state": opt_state, "rng": tstate["rng"]}
-        start, data_pos = int(meta["step"]), int(meta["data_position"])
-        log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
-    metrics_path = run_dir / "metrics.jsonl"
-    if distributed.is_main():  # multi-host: run files and metrics from process 0 (checkpoints from all)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps({
-            **info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}",
-        }, indent=1, default=str))
-        _trim_metrics(metrics_path, start)
-    peak = peak_flops(cfg)
-    local = shd.process_rows(b_sh, cfg.batch_size)  # this process's rows of each micro-batch
-    stream = stream(data_pos)
-
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-    t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
-    for step in range(start, total):
-        host, data_pos = next(stream)
-        tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
-        host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
-        state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
-        if step == start:  # the first step includes compilation: keep it out of tokens/s
-            jax.block_until_ready(m)
-            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            m = jax.device_get(m)
-            now, cpu = time.perf_counter(), time.process_time()
-            tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
-            # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
-            tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
-            last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
-                    "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
-            last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
-            last["data_position"] = data_pos
-            if jax.process_index() == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
-        if bar is not None:
-            bar.update(1)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total:
-            checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
-                            {"step": state["step"], "rng": state["rng"]},
-                            {"step": done, "data_position": data_pos, "kind": kind}, kind)
-    mgr.wait_until_finished()
-    if bar is not None:
-        bar.close()
-    return {"steps": total, "last": last, "state": state, "frozen": frozen, "flops_per_token": fpt,
-            "peak_flops": peak}
-
-
-__all__ = ["token_nll_sum", "make_optimizer", "make_train_step", "compile_step", "init_state", "run", "train_loop",
-           "flops_per_token", "measure_peak_flops", "state_shardings"]
+__all__ = ["token_nll_sum", "make_optimizer", "make_train_step", "compile_step", "initial_state", "init_state", "run",
+           "flops_per_token", "state_shardings"]

@@ -15,10 +15,13 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from persllm_jax.errors import PersllmError
+from persllm_jax.model.decoder import BATCH_AXES, constrain_batch  # noqa: F401 (part of this API)
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 COL = r"(q|k|v|gate|up)_proj"
 ROW = r"(o|down)_proj"
@@ -37,7 +40,7 @@ RULES: list[tuple[str, P]] = [
 ]
 
 
-class MeshError(ValueError):
+class MeshError(PersllmError, ValueError):
     pass
 
 
@@ -120,22 +123,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, leading: int = 1) -> NamedSharding:
     """For batches [accum, B, T]: B over (data, fsdp)."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
-
-
-def constrain_batch(x, axis: int = 0):
-    """Pin an activation's batch dimension to (`data`, `fsdp`) inside a sharded step; a no-op without a
-    context mesh (generation, single-device use). Without it XLA's sharding propagation may follow the
-    fsdp-sharded weights and replicate the batch on every device (an 8B step on 8 chips: 23 GiB instead of
-    11 GiB per device, see `persllm plan`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
-        return x
-    n = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if n == 1 or x.shape[axis] % n:
-        return x
-    spec = [None] * x.ndim
-    spec[axis] = BATCH_AXES
-    return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def in_mesh(fn, mesh: Mesh):

@@ -1,6 +1,9 @@
 """Web pages served by `persllm serve` in the same process and port: `/` persona chat and `/rate` blind pairwise
 human evaluation. The pages are static files shipped in this package (no CDN); they talk to the OpenAI-compatible
 API and to a small JSON API under `/web/api/` that needs the same bearer key as the API when `--api-key` is set.
+
+Owns the pages, their JSON API (`web_routes`) and the rating store (`rate`). May import what `serve` may
+(errors, io, settings, runs, model/) and the rest of `serve`; never train/, export/, eval/, pipeline/, cli/.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import json
 import random
 from pathlib import Path
 
-from persllm_jax.serve.web.rate import CRITERIA, RateConfig, RateError, RateStore, answer_seed, load_prompts, parse_judgement, pick_item
+from persllm_jax.serve.web.rate import (CRITERIA, RateConfig, RateError, RateStore, answer_seed, check_id, load_prompts,
+                                        parse_judgement, pick_item)
 
 STATIC = Path(__file__).parent / "static"
 PAGE_HEADERS = {
@@ -44,18 +48,19 @@ class Rating:
 
 
 def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None) -> list:
-    """Starlette routes for the pages and their JSON API. `stages`: {model name: [talk.StagePrompt]};
-    `rate`: the rating setup (None: /rate says it is not configured)."""
+    """Starlette routes for the pages and their JSON API. `state`: the server's `app.ServerState`; `stages`:
+    {model name: [personas.StagePrompt]}; `rate`: the rating setup (None: /rate says it is not configured)."""
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import FileResponse, JSONResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from persllm_jax.serve.app import Job, ParsedRequest, RequestError
+    from persllm_jax.serve.openai_api import ParsedRequest, RequestError
     from persllm_jax.serve.personas import split_thoughts, stage_name
+    from persllm_jax.serve.scheduler import Job
 
     stages = stages or {}
-    rating = Rating(rate, list(state.personas)) if rate else None
+    rating = Rating(rate, list(state.models)) if rate else None
 
     def page(name):
         async def handler(request):
@@ -72,9 +77,9 @@ def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None
     async def personas(request):
         state.check_auth(request)
         out = []
-        for name, p in state.personas.items():
+        for name, served in state.models.items():
             st = stages.get(name) or []
-            default = next((stage_name(s, st) for s in st if p.system and s.system == p.system), None)
+            default = next((stage_name(s, st) for s in st if served.system and s.system == served.system), None)
             out.append({"name": name, "default_stage": default,
                         "stages": [{"id": stage_name(s, st), "system": s.system} for s in st]})
         return JSONResponse({"personas": out, "rate": rating is not None})
@@ -130,8 +135,6 @@ def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None
         r = need_rating()
         body = await body_of(request)
         try:
-            from persllm_jax.serve.web.rate import check_id
-
             rater = check_id((body or {}).get("rater_id") if isinstance(body, dict) else None, "rater_id")
         except RateError as e:
             raise RequestError(400, str(e), "rater_id", "invalid_value") from None

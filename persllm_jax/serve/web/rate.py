@@ -19,13 +19,16 @@ import time
 import uuid
 from pathlib import Path
 
+from persllm_jax.errors import PersllmError
+from persllm_jax.io import iter_jsonl
+
 CRITERIA = ("fidelity", "knowledge", "style")  # persona fidelity, knowledge, style
 CHOICES = ("A", "B", "tie")
 MAX_COMMENT = 2000
 _ID = re.compile(r"[A-Za-z0-9_.:@\-]{1,64}")
 
 
-class RateError(ValueError):
+class RateError(PersllmError, ValueError):
     """A user-facing problem with the rating setup (prompt file, database, model list)."""
 
 
@@ -52,22 +55,15 @@ class Prompt:
 
 def load_prompts(source: str | Path) -> list[Prompt]:
     """Prompts from a corpus dir (sft/test.jsonl, reference answers dropped) or a JSONL file whose rows are
-    {"id", "messages"} or {"id", "prompt"} (a user message; optional "system")."""
+    {"id", "messages"} or {"id", "prompt"} (a user message; optional "system"). A line that is not a JSON object
+    is an InputError naming file:line:column; a row that is not a prompt is a RateError naming file:line."""
     path = Path(source)
     if path.is_dir():
         path = path / "sft" / "test.jsonl"
     if not path.is_file():
         raise RateError(f"--rate-prompts {source}: neither a JSONL file nor a corpus dir with sft/test.jsonl")
     out, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise RateError(f"{path}:{n}: invalid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise RateError(f"{path}:{n}: expected a JSON object")
+    for where, row in iter_jsonl(path):
         msgs = row.get("messages")
         if isinstance(msgs, list):
             if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
@@ -76,14 +72,14 @@ def load_prompts(source: str | Path) -> list[Prompt]:
             msgs = ([{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []) + \
                    [{"role": "user", "content": row["prompt"]}]
         else:
-            raise RateError(f"{path}:{n}: a prompt row needs 'messages' or 'prompt'")
+            raise RateError(f"{where}: a prompt row needs 'messages' or 'prompt'")
         if (not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and
                                 m.get("role") in ("system", "user", "assistant") for m in msgs)
                 or msgs[-1]["role"] != "user"):
-            raise RateError(f"{path}:{n}: messages must be {{role, content}} objects ending with a user message")
-        pid = str(row.get("id") or f"row{n}")
+            raise RateError(f"{where}: messages must be {{role, content}} objects ending with a user message")
+        pid = str(row.get("id") or f"row{where.rsplit(':', 1)[1]}")  # default id: the line number
         if pid in seen:
-            raise RateError(f"{path}:{n}: duplicate prompt id {pid!r}")
+            raise RateError(f"{where}: duplicate prompt id {pid!r}")
         seen.add(pid)
         out.append(Prompt(pid, tuple({"role": m["role"], "content": m["content"]} for m in msgs),
                           row.get("persona"), row.get("stage")))

@@ -1,0 +1,74 @@
+"""`persllm plan CONFIG`: will a training recipe fit the chips it is meant for? Checked before launch, on a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from persllm_jax.model.shapes import SHAPES
+from persllm_jax.train.plan import (
+    DEVICE_KINDS,
+    GiB,
+    capacity,
+    default_devices,
+    format_suggestions,
+    load_train_config,
+    plan_config_dict,
+    report,
+    run_worker,
+    suggestions,
+)
+
+HELP = ("Compile the train step of CONFIG_FILE for N emulated devices and check it fits the chip's memory.\n\n"
+        "CONFIG_FILE is a train config (SFT or DPO) or a `persllm reproduce` recipe (its sft stage). No "
+        "weights are read: the model may be a named shape, e.g. `model: shape:llama-8b` (shapes: "
+        + ", ".join(SHAPES) + "). Exits 1 when the step does not fit, with fixes to try. See docs/scale.md. "
+        "Config keys: those of `persllm train sft` (--print-config lists them with their values).")
+
+
+def _plan_config(config_file, sets, model):
+    """The train config to plan: CONFIG_FILE itself, or the sft stage of a `persllm reproduce` recipe."""
+    from persllm_jax.settings import read_file
+
+    doc = read_file(config_file)
+    if "sft" in doc or "include" in doc:
+        from persllm_jax.pipeline.config import load, train_config
+
+        return load_train_config(config_file, sets, model, base=plan_config_dict(train_config(load(config_file), "sft")))
+    return load_train_config(config_file, sets, model)
+
+
+@click.command("plan", help=HELP)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--devices", "n_devices", type=int, default=None,
+              help="Devices to plan for (default: the config's mesh size, or 1 when an axis is -1).")
+@click.option("--device-kind", "kind", type=click.Choice(list(DEVICE_KINDS)), default="cpu", show_default=True,
+              help="Chip whose memory the plan is checked against.")
+@click.option("--model", default=None, help="Override the config's model (HF dir, config.json, .gguf, shape:NAME).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--headroom", type=float, default=0.9, show_default=True,
+              help="Fraction of the device memory the step may use (the rest: runtime, fragmentation).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--print-config", is_flag=True, help="Print the resolved train config (every key with its value) and exit.")
+def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config):
+    from persllm_jax.settings import dump
+
+    cfg = _plan_config(config_file, sets, model)
+    if print_config:
+        click.echo(dump(cfg), nl=False)
+        return
+    n = n_devices or default_devices(cfg)
+    cap = capacity(kind, n)
+    result = run_worker(plan_config_dict(cfg), n)
+    text, fits = report(result, kind, cap, headroom)
+    if as_json:
+        fixes = [] if fits else [{"set": a, "why": w} for a, w in suggestions(cfg, result, n)]
+        click.echo(json.dumps({**result, "device_kind": kind, "capacity": cap, "fits": fits, "suggestions": fixes},
+                              indent=1))
+    else:
+        click.echo(text)
+    if not fits:
+        fixes = format_suggestions(suggestions(cfg, result, n))
+        raise click.ClickException(f"{config_file}: the step needs {result['bytes']['peak'] / GiB:.2f} GiB per "
+                                   f"device, more than {headroom * cap / GiB:.1f} GiB on {n} x {kind}. Try:\n{fixes}")

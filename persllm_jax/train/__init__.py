@@ -1,0 +1,15 @@
+"""Training: the SFT and DPO trainers, their data, the shared loop, sharding, checkpoints and the plan.
+
+    config.py       TrainConfig / DPOConfig schemas (loaded by persllm_jax.settings)
+    data.py         SFT rows -> tokens with assistant masks -> packed rows
+    sft.py          the pure SFT train step, optimizer, state init, FLOPs per token
+    dpo_data.py     preference pairs -> shared-prompt packed rows
+    dpo.py          the DPO losses and step, the reference, precomputed reference log-probs
+    loop.py         the loop SFT and DPO share: resume, metrics, checkpoints
+    sharding.py     mesh, the parameter-name -> PartitionSpec rules, batch placement
+    distributed.py  multi-host initialisation
+    checkpoint.py   orbax save / restore
+    plan.py         compile the train step ahead of time and account its memory
+
+May import: errors, io, settings, runs, model/. Never export/, serve/, eval/, pipeline/ or cli/.
+"""

@@ -1,0 +1,118 @@
+"""The training loop shared by SFT and DPO: resume from the latest checkpoint, write config.yaml and run.json,
+run the jitted step over the data stream, log metrics.jsonl (tokens/s, MFU), save checkpoints.
+
+The step itself is a pure function `step_fn(state, frozen, batch) -> (state, metrics)` built by sft.py or
+dpo.py; gradient accumulation happens inside it (a scan over micro-batches that sums and normalises once).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from persllm_jax.runs import write_run
+from persllm_jax.train import checkpoint, distributed
+from persllm_jax.train import sharding as shd
+from persllm_jax.train.config import TrainConfig, save_config
+
+
+def measure_peak_flops(dim: int = 2048, reps: int = 5) -> float:
+    """Achieved FLOP/s of a large fp32 matmul on device 0 (the machine's practical peak)."""
+    x = jax.device_put(jnp.ones((dim, dim), jnp.float32) * 0.5, jax.local_devices()[0])
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        y = f(x)
+    y.block_until_ready()
+    return 2.0 * dim ** 3 * reps / (time.perf_counter() - t)
+
+
+def peak_flops(cfg: TrainConfig) -> float:
+    n = jax.device_count()
+    if jax.devices()[0].platform == "cpu":
+        n = 1  # emulated CPU devices share the same cores
+    return (cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops()) * n
+
+
+def _trim_metrics(path: Path, upto: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh, stream, total: int, kind: str,
+               info: dict, fpt: float, desc: str, progress: bool = True, log=print, int_metrics=("trained_tokens",)):
+    """The loop shared by SFT and DPO: resume, config.yaml + run.json, metrics.jsonl, progress bar, checkpoints.
+
+    `step_fn(state, frozen, batch) -> (state, metrics)`; `stream(data_pos)` yields (host rows [accum*B, ...],
+    next data_pos). Every metric the step returns goes to metrics.jsonl (floats; `int_metrics` as ints).
+    """
+    mgr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
+    start, data_pos = 0, 0
+    latest = mgr.latest_step()
+    if latest is not None:
+        trainable, opt_state, tstate, meta = checkpoint.restore(
+            mgr, latest, state["trainable"], state["opt_state"], {"step": state["step"], "rng": state["rng"]}, kind)
+        state = {"step": tstate["step"], "trainable": trainable, "opt_state": opt_state, "rng": tstate["rng"]}
+        start, data_pos = int(meta["step"]), int(meta["data_position"])
+        log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
+    metrics_path = run_dir / "metrics.jsonl"
+    if distributed.is_main():  # multi-host: run files and metrics from process 0 (checkpoints from all)
+        save_config(cfg, run_dir / "config.yaml")
+        write_run(run_dir, {**info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}"})
+        _trim_metrics(metrics_path, start)
+    peak = peak_flops(cfg)
+    local = shd.process_rows(b_sh, cfg.batch_size)  # this process's rows of each micro-batch
+    stream = stream(data_pos)
+
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
+    for step in range(start, total):
+        host, data_pos = next(stream)
+        tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
+        host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
+        state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
+        if step == start:  # the first step includes compilation: keep it out of tokens/s
+            jax.block_until_ready(m)
+            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            m = jax.device_get(m)
+            now, cpu = time.perf_counter(), time.process_time()
+            tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
+            # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
+            tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
+            last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
+                    "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
+            last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
+            last["data_position"] = data_pos
+            if jax.process_index() == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
+        if bar is not None:
+            bar.update(1)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total:
+            checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
+                            {"step": state["step"], "rng": state["rng"]},
+                            {"step": done, "data_position": data_pos, "kind": kind}, kind)
+    mgr.wait_until_finished()
+    if bar is not None:
+        bar.close()
+    return {"steps": total, "last": last, "state": state, "frozen": frozen, "flops_per_token": fpt,
+            "peak_flops": peak}
+
+
+__all__ = ["train_loop", "measure_peak_flops", "peak_flops"]
