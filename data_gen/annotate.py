@@ -63,7 +63,7 @@ class Step:
     def __init__(self, ctx, name: str, make_request, on_answer, total: int):
         self.name, self.make_request, self.on_answer = name, make_request, on_answer
         self.path = ctx.work / f"{name}.jsonl"
-        self.done = {r["key"]: r for r in read_jsonl(self.path) if r.get("reason") != FAILED}
+        self.done = {r["key"]: r for r in read_jsonl(self.path, torn_tail=True, missing_ok=True) if r.get("reason") != FAILED}
         self.items: dict[str, dict] = {}
         self.bar = ctx.progress(name, total=total)
         self.out = Appender(self.path)

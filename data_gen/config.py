@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_gen.errors import DataGenError
 from persllm_jax import settings
+from persllm_jax.errors import PersllmError
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -73,7 +74,10 @@ WHOLE = {"inputs.mix"}  # mappings a user gives in full rather than key by key
 
 def load_config(path: str | Path | None = None, sets: tuple[str, ...] | list[str] = (), base: dict | None = None) -> dict:
     """DEFAULTS < `base` (e.g. a reproduce recipe's data.config) < the YAML file < `--set` items, then checked."""
-    cfg = settings.load(DEFAULTS, path, sets, base=base, whole=WHOLE)
+    try:
+        cfg = settings.load(DEFAULTS, path, sets, base=base, whole=WHOLE)
+    except PersllmError as e:  # data_gen's one error type for bad input, as its callers expect
+        raise DataGenError(str(e)) from None
     validate(cfg)
     return cfg
 

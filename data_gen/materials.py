@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from data_gen.errors import DataGenError
+from persllm_jax.errors import InputError
 from persllm_jax.io import read_yaml
 
 KINDS = ("objective", "subjective")
@@ -59,7 +60,10 @@ class Chunk:
 
 
 def _read_yaml(path: Path) -> dict:
-    data = read_yaml(path)
+    try:
+        data = read_yaml(path)
+    except InputError as e:
+        raise DataGenError(str(e)) from None
     if not isinstance(data, dict):
         raise DataGenError(f"{path}: expected a mapping with keys name, stages (and description, language)")
     return data

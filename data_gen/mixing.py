@@ -7,12 +7,12 @@ General data: a .jsonl file or a `datasets` folder (`Dataset.save_to_disk`). Acc
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from data_gen.annotate import stable_seed
 from data_gen.errors import DataGenError
+from persllm_jax.io import iter_jsonl
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -45,19 +45,10 @@ def load_general(spec: str, limit: int | None) -> list[list[dict]]:
     p = Path(spec)
     out = []
     if p.is_file():
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise DataGenError(f"{p}:{i}: not valid JSON") from None
-                if not isinstance(row, dict):
-                    raise DataGenError(f"{p}:{i}: expected a JSON object")
-                out.append(to_messages(row, f"{p}:{i}"))
-                if limit and len(out) >= int(limit):
-                    break
+        for where, row in iter_jsonl(p):
+            out.append(to_messages(row, where))
+            if limit and len(out) >= int(limit):
+                break
     elif p.is_dir():
         try:
             import datasets

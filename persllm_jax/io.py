@@ -75,28 +75,11 @@ def atomic_replace(path: str | Path, write) -> None:
             tmp.unlink()
 
 
-def read_json(path: str | Path, what: str = "file") -> dict:
-    """A JSON file's object; errors name the file and line."""
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; errors name the file (missing, a folder, unreadable, not UTF-8)."""
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{p}: {what} not found") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{p}: not valid UTF-8 (byte {e.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-
-
-def read_yaml(path: str | Path, what: str = "file"):
-    """Parse a YAML file; errors name the file and line."""
-    import yaml
-
-    p = Path(path)
-    try:
-        text = p.read_bytes().decode("utf-8")
+        return p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{p}: {what} not found") from None
     except IsADirectoryError:
@@ -105,12 +88,26 @@ def read_yaml(path: str | Path, what: str = "file"):
         raise InputError(f"{p}: cannot read {what} ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """A JSON file's value; errors name the file, line and column."""
     try:
-        return yaml.safe_load(text)
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+
+
+def read_yaml(path: str | Path, what: str = "file"):
+    """A YAML file's value; errors name the file and line."""
+    import yaml
+
+    try:
+        return yaml.safe_load(read_text(path, what))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise InputError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise InputError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 # --- JSONL --------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from data_gen.formats import check_dpo_row, check_sft_row
 from persllm_jax.io import read_jsonl
 from data_gen.pipeline import build
 
+pytestmark = pytest.mark.slow  # minutes of CPU: `bash tools/test.sh -m "not slow"` skips it
+
 DEMO = Path(__file__).resolve().parents[1] / "data_gen" / "personas"
 TINY = ["inputs.per_stage=1", "inputs.max_tokens=16", "responses.max_tokens=16", "retrieval.knowledge_words=20",
         "retrieval.style_words=10", "responses.fewshot=0", "responses.require_response_tag=false",

@@ -272,10 +272,12 @@ def test_jsonl_torn_tail_is_dropped_and_cut_before_appending(tmp_path):
     write_jsonl(f, [{"a": 1}, {"a": 2}])
     with open(f, "ab") as fh:
         fh.write(b'{"a": 3, "b": "tor')  # a writer killed mid-line
-    assert read_jsonl(f) == [{"a": 1}, {"a": 2}]
+    assert read_jsonl(f, torn_tail=True) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(ValueError, match="w.jsonl:3:15: invalid JSON"):  # a torn tail is an error unless asked for
+        read_jsonl(f)
     with Appender(f) as ap:
         ap.write({"a": 4})
     assert read_jsonl(f) == [{"a": 1}, {"a": 2}, {"a": 4}]
     f.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
-    with pytest.raises(ValueError, match="w.jsonl:2: not valid JSON"):
-        read_jsonl(f)
+    with pytest.raises(ValueError, match="w.jsonl:2:1: invalid JSON"):
+        read_jsonl(f, torn_tail=True)  # only the last line may be torn

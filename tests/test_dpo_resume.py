@@ -2,6 +2,7 @@
 uninterrupted run's (bitwise on CPU). A (2,2,2) mesh, dropout, shuffled pairs crossing epochs, an SFT parent and a
 precomputed (cached) reference, so RNG, data position, optimizer state, sharded restore and the cache all matter."""
 
+import pytest
 import json
 import signal
 
@@ -12,6 +13,8 @@ from chat_fixtures import tiny_model_dir, write_corpus
 from persllm_jax.train import checkpoint
 from test_dpo import write_pairs
 from test_train_resume import _train
+
+pytestmark = pytest.mark.slow  # minutes of CPU: `bash tools/test.sh -m "not slow"` skips it
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):

@@ -23,6 +23,8 @@ from chat_fixtures import WORDS, tiny_model_dir, write_corpus
 
 from persllm_jax.train import checkpoint, sft
 
+pytestmark = pytest.mark.slow  # minutes of CPU: `bash tools/test.sh -m "not slow"` skips it
+
 SFT_SETS = ["steps=3", "max_length=64", "batch_size=8", "learning_rate=1e-3", "warmup_steps=0", "log_every=1",
             "lora.rank=8", "lora.alpha=16", "lora.dropout=0.1", "shuffle=true", "seed=3", "peak_tflops=0.15",
             "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from persllm_jax.pipeline import config as recipe
 from persllm_jax.pipeline.stages import Pipeline
 
+pytestmark = pytest.mark.slow  # minutes of CPU: `bash tools/test.sh -m "not slow"` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 
 

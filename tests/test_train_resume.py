@@ -2,6 +2,7 @@
 final LoRA params equal an uninterrupted run's (bitwise on CPU). Dropout on, shuffled data crossing epochs and a
 (2,2,2) mesh, so RNG, data position, optimizer state and sharded restore all matter."""
 
+import pytest
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import numpy as np
 from chat_fixtures import tiny_model_dir, write_corpus
 
 from persllm_jax.train import checkpoint
+
+pytestmark = pytest.mark.slow  # minutes of CPU: `bash tools/test.sh -m "not slow"` skips it
 
 RUN = "import sys; from persllm_jax.cli import main; sys.argv = ['persllm'] + sys.argv[1:]; main()"
 KILLER = """

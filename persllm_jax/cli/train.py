@@ -34,6 +34,30 @@ def resolve_config(cls, run_dir: Path, config_file, sets, resume: bool, cli: dic
     return cfg
 
 
+def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print_config: bool, no_progress: bool):
+    """The SFT or DPO command body: resolve the config, print it or train, and say how it ended."""
+    cfg = resolve_config(cls, run_dir, config_file, sets, resume, cli)
+    if print_config:
+        click.echo(dump(cfg), nl=False)
+        return
+    if not cfg.data:
+        what = "training" if kind == "sft" else "preference"
+        raise ConfigError(f"no {what} data: pass --data CORPUS_DIR or set `data` in the config")
+    if kind == "sft":
+        from persllm_jax.train.sft import run
+    else:
+        from persllm_jax.train.dpo import run
+    summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
+    last = summary["last"]
+    if not last:
+        click.echo(f"nothing to do: {run_dir} already holds step {summary['steps']}")
+        return
+    figures = (f"MFU {100 * last['mfu']:.1f}%" if kind == "sft" else
+               f"reward accuracy {last['reward_accuracy']:.3f}, margin {last['reward_margin']:.4f}")
+    click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, {figures}; "
+               f"checkpoints in {run_dir / 'checkpoints'}")
+
+
 @train.command("sft")
 @click.option("--model", "model", default=None, help="HF dir, .gguf file or `smollm2` (default: from config).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads sft/train.jsonl) or a .jsonl file.")
@@ -50,22 +74,8 @@ def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
     remat, save_every, lora.{enabled, rank, alpha, dropout, targets}, mesh.{data, fsdp, tensor}, ...;
     `--print-config` prints them all with their values.
     """
-    run_dir = Path(out)
-    cfg = resolve_config(TrainConfig, run_dir, config_file, sets, resume, {"model": model, "data": data})
-    if print_config:
-        click.echo(dump(cfg), nl=False)
-        return
-    if not cfg.data:
-        raise ConfigError("no training data: pass --data CORPUS_DIR or set `data` in the config")
-    from persllm_jax.train.sft import run
-
-    summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
-    last = summary["last"]
-    if last:
-        click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
-                   f"MFU {100 * last['mfu']:.1f}%; checkpoints in {run_dir / 'checkpoints'}")
-    else:
-        click.echo(f"nothing to do: {run_dir} already holds step {summary['steps']}")
+    _train("sft", TrainConfig, Path(out), config_file, sets, resume, {"model": model, "data": data}, print_config,
+           no_progress)
 
 
 @train.command("dpo")
@@ -85,21 +95,5 @@ def dpo(model, from_run, data, out, config_file, sets, resume, no_progress, prin
     Config keys: those of `train sft` plus from_run, from_step, beta, loss_type (sigmoid | ipo | hinge),
     label_smoothing, nll_weight, precompute_ref; `--print-config` prints them all with their values.
     """
-    run_dir = Path(out)
-    cfg = resolve_config(DPOConfig, run_dir, config_file, sets, resume,
-                         {"model": model, "data": data, "from_run": from_run})
-    if print_config:
-        click.echo(dump(cfg), nl=False)
-        return
-    if not cfg.data:
-        raise ConfigError("no preference data: pass --data CORPUS_DIR or set `data` in the config")
-    from persllm_jax.train.dpo import run
-
-    summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
-    last = summary["last"]
-    if last:
-        click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, reward accuracy "
-                   f"{last['reward_accuracy']:.3f}, margin {last['reward_margin']:.4f}, "
-                   f"{last['tokens_per_s']:.0f} tokens/s; checkpoints in {run_dir / 'checkpoints'}")
-    else:
-        click.echo(f"nothing to do: {run_dir} already holds step {summary['steps']}")
+    _train("dpo", DPOConfig, Path(out), config_file, sets, resume,
+           {"model": model, "data": data, "from_run": from_run}, print_config, no_progress)

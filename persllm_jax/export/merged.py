@@ -12,15 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persllm_jax.export import ExportError, hf_state
-from persllm_jax.export.verify import (
-    MODEL_TOL,
-    WRITE_TOL,
-    check,
-    compare,
-    logits_of,
-    our_model_logits,
-    probe_batch,
-)
+from persllm_jax.export import verify
 from persllm_jax.io import jnp_dtype
 from persllm_jax.model.weights import load_model
 from persllm_jax.runs import Chain, merged_params
@@ -40,10 +32,10 @@ def export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: di
     t = time.perf_counter()
     # Reference logits first, then drop the in-memory copies before the export is reloaded (peak memory:
     # base + merged + one HF state, never a fourth copy).
-    batch = probe_batch(tok, cfg)
-    ours = our_model_logits(chain, batch)
+    batch = verify.probe_batch(tok, cfg)
+    ours = verify.our_model_logits(chain, batch)
     intended = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp_dtype(dtype)).astype(jnp.float32), params)
-    want = logits_of(intended, cfg, batch)
+    want = verify.logits_of(intended, cfg, batch)
     del intended, params
     back = hf_state.read_safetensors_dir(tmp)
     bad = [k for k in state if k not in back or back[k].dtype != state[k].dtype or not np.array_equal(back[k], state[k])]
@@ -56,12 +48,12 @@ def export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: di
         reloaded = load_model(str(tmp))
     except Exception as e:
         raise ExportError(f"verification failed: the export does not load: {str(e).splitlines()[0]}") from None
-    got = logits_of(reloaded.params, reloaded.cfg, batch)
+    got = verify.logits_of(reloaded.params, reloaded.cfg, batch)
     del reloaded
-    checks = {"reload_vs_written": compare(want, got, batch["segment_ids"]),
-              "export_vs_ours": compare(ours, got, batch["segment_ids"])}
-    check("reloaded export vs the weights written", checks["reload_vs_written"], WRITE_TOL, dtype)
-    check("merged export vs our model", checks["export_vs_ours"], MODEL_TOL[dtype], dtype)
+    checks = {"reload_vs_written": verify.compare(want, got, batch["segment_ids"]),
+              "export_vs_ours": verify.compare(ours, got, batch["segment_ids"])}
+    verify.check("reloaded export vs the weights written", checks["reload_vs_written"], verify.WRITE_TOL, dtype)
+    verify.check("merged export vs our model", checks["export_vs_ours"], verify.MODEL_TOL[dtype], dtype)
     times["verify"] = time.perf_counter() - t
     log(f"verified: max |logit diff| {checks['export_vs_ours']['max_abs_diff']:.3g} vs our model "
         f"(mean KL {checks['export_vs_ours']['mean_kl']:.3g}, top-1 agree {checks['export_vs_ours']['top1_agree']:.3f})")

@@ -20,15 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persllm_jax.export import ExportError, hf_state
-from persllm_jax.export.verify import (
-    MODEL_TOL,
-    WRITE_TOL,
-    check,
-    compare,
-    logits_of,
-    our_model_logits,
-    probe_batch,
-)
+from persllm_jax.export import verify
 from persllm_jax.io import jnp_dtype
 from persllm_jax.model import lora as lora_mod
 from persllm_jax.model.decoder import LINEAR_NAMES
@@ -98,15 +90,15 @@ def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, log):
         raise
     except Exception as e:
         raise ExportError(f"verification failed: the adapter does not load: {str(e).splitlines()[0]}") from None
-    batch = probe_batch(tok, cfg)
+    batch = verify.probe_batch(tok, cfg)
     base = chain.base.params
-    got = logits_of(base, cfg, batch, back, scale)
+    got = verify.logits_of(base, cfg, batch, back, scale)
     intended = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp_dtype(dtype)).astype(jnp.float32), tree)
-    checks = {"reload_vs_written": compare(logits_of(base, cfg, batch, intended, alpha / rank), got,
+    checks = {"reload_vs_written": verify.compare(verify.logits_of(base, cfg, batch, intended, alpha / rank), got,
                                            batch["segment_ids"]),
-              "export_vs_ours": compare(our_model_logits(chain, batch), got, batch["segment_ids"])}
-    check("reloaded adapter vs the adapter written", checks["reload_vs_written"], WRITE_TOL, dtype)
-    check("adapter on the base vs our model", checks["export_vs_ours"], MODEL_TOL[dtype], dtype)
+              "export_vs_ours": verify.compare(verify.our_model_logits(chain, batch), got, batch["segment_ids"])}
+    verify.check("reloaded adapter vs the adapter written", checks["reload_vs_written"], verify.WRITE_TOL, dtype)
+    verify.check("adapter on the base vs our model", checks["export_vs_ours"], verify.MODEL_TOL[dtype], dtype)
     times["verify"] = time.perf_counter() - t
     log(f"verified: adapter (r={rank}, alpha={alpha:g}, {len(chain.stages)} stage(s)) on the base: max |logit diff| "
         f"{checks['export_vs_ours']['max_abs_diff']:.3g} vs our model (mean KL {checks['export_vs_ours']['mean_kl']:.3g})")

@@ -76,15 +76,20 @@ def load(path: str | Path | None, sets=()) -> dict:
     return cfg
 
 
-def data_config(cfg: dict) -> dict:
-    """The data build's config (data_gen/config.py DEFAULTS): a YAML file name or a mapping of keys."""
-    from data_gen.config import load_config
-
-    c = cfg["data"]["config"]
+def _section_config(cfg: dict, section: str, load_config) -> dict:
+    """A stage's own config from its `config` entry: a YAML file name, or a mapping of its keys."""
+    c = cfg[section]["config"]
     try:
         return load_config(c) if isinstance(c, str) else load_config(None, base=c or {})
     except PersllmError as e:
-        raise ReproduceError(f"data.config: {e}") from None
+        raise ReproduceError(f"{section}.config: {e}") from None
+
+
+def data_config(cfg: dict) -> dict:
+    """The data build's config (data_gen/config.py DEFAULTS)."""
+    from data_gen.config import load_config
+
+    return _section_config(cfg, "data", load_config)
 
 
 def train_config(cfg: dict, stage: str):
@@ -101,14 +106,10 @@ def train_config(cfg: dict, stage: str):
 
 
 def eval_config(cfg: dict) -> dict:
-    """`persllm eval`'s config: a YAML file name or a mapping of keys."""
+    """`persllm eval`'s config (eval/evaluate.py DEFAULTS)."""
     from persllm_jax.eval.evaluate import load_config
 
-    c = cfg["eval"]["config"]
-    try:
-        return load_config(c) if isinstance(c, str) else load_config(None, base=c or {})
-    except PersllmError as e:
-        raise ReproduceError(f"eval.config: {e}") from None
+    return _section_config(cfg, "eval", load_config)
 
 
 def stage_config(cfg: dict, stage: str) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from persllm_jax.io import read_jsonl, write_jsonl
 from persllm_jax.runs import write_run
 from persllm_jax.train import checkpoint, distributed
 from persllm_jax.train import sharding as shd
@@ -40,10 +41,9 @@ def peak_flops(cfg: TrainConfig) -> float:
 
 
 def _trim_metrics(path: Path, upto: int) -> None:
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    """Drop the rows logged after the checkpoint a resumed run starts from (they will be logged again)."""
+    if path.exists():
+        write_jsonl(path, [r for r in read_jsonl(path, torn_tail=True) if r.get("step", 0) <= upto])
 
 
 def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh, stream, total: int, kind: str,
