@@ -25,7 +25,7 @@ from data_gen.errors import DataGenError
 from data_gen.materials import chunk_persona, load_personas
 from data_gen.prompts import Templates, format_cot
 from data_gen.retrieval import Index
-from persllm_jax.io import atomic_write_text, write_jsonl
+from persllm_jax.io import atomic_replace, atomic_write_text, write_jsonl
 
 
 class _NoBar:
@@ -72,10 +72,11 @@ class Ctx:
                     emb = np.load(path, allow_pickle=False)
                 else:
                     emb = Embedder.get(self.cfg["retrieval"]["model"]).encode(texts)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + ".tmp.npy")
-                    np.save(tmp, emb, allow_pickle=False)
-                    tmp.replace(path)
+                    def write(tmp, emb=emb):
+                        with open(tmp, "wb") as f:
+                            np.save(f, emb, allow_pickle=False)
+
+                    atomic_replace(path, write)
             self._indexes[k] = Index(texts, self.cfg["retrieval"], embeddings=emb)
         return self._indexes[k]
 
