@@ -13,10 +13,10 @@ from chat_fixtures import WORDS, tiny_model_dir, write_corpus
 from click.testing import CliRunner
 
 from persllm_jax.cli import main
-from persllm_jax.model import lora as L
+from persllm_jax.model import lora
 from persllm_jax.model.weights import load_model, load_tokenizer
 from persllm_jax.train import dpo, dpo_data
-from persllm_jax.train import sft as T
+from persllm_jax.train import sft
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import ConfigError, DPOConfig, load_config
 
@@ -73,13 +73,13 @@ def test_shared_prompt_rows_equal_separate_sequences(tiny):
     pairs, rows = _rows(tok, corpus)
     assert (np.asarray(rows["segment_ids"]).max(axis=1) > 1).any()  # several pairs per row
     ad = {n: {"a": p["a"], "b": 0.05 * jax.random.normal(jax.random.PRNGKey(i), p["b"].shape)}
-          for i, (n, p) in enumerate(L.init_lora(loaded.cfg, jax.random.PRNGKey(9), 4, TARGETS).items())}
+          for i, (n, p) in enumerate(lora.init_lora(loaded.cfg, jax.random.PRNGKey(9), 4, TARGETS).items())}
     pc, pr, nc, nr = dpo.sequence_logps(loaded.params, loaded.cfg, rows, lora=ad, lora_scale=2.0)
     got = _by_pair(rows, pc, pr, nc, nr)
     for p in pairs:
         for ids, k, nk in ((p.chosen, 0, 2), (p.rejected, 1, 3)):
             seq = np.concatenate([p.prompt, ids])[None]
-            logits = T.logits_from_hidden(loaded.params, T.hidden_states(
+            logits = sft.logits_from_hidden(loaded.params, sft.hidden_states(
                 loaded.params, loaded.cfg, seq, np.arange(seq.shape[1])[None], np.ones_like(seq), lora=ad,
                 lora_scale=2.0))
             lp = jax.nn.log_softmax(logits[0, len(p.prompt) - 1:-1], axis=-1)
@@ -97,8 +97,8 @@ def test_zero_delta_loss_is_log2(tiny):
     # the first training step: zero-delta adapter, online reference from the same frozen weights
     pairs, rows = _rows(tok, corpus)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    opt, sched = T.make_optimizer(cfg, 10)
-    state, frozen = T.init_state(cfg, loaded.cfg, loaded.params, opt, mesh)
+    opt, sched = sft.make_optimizer(cfg, 10)
+    state, frozen = sft.init_state(cfg, loaded.cfg, loaded.params, opt, mesh)
     step = jax.jit(dpo.make_dpo_step(cfg, loaded.cfg, opt, sched, online_ref=True))
     batch = {k: v[None] for k, v in rows.items()}
     _, m = step(state, frozen, batch)
@@ -181,7 +181,7 @@ def test_parity_with_trl(tiny, trl_side, loss_type, sets, trl_types, trl_weights
     cfg = _cfg(model, corpus, "beta=0.3", f"loss_type={kind}", *sets)
     tr = make(trl_types or ["sigmoid"], trl_weights)
     state = {k: v.detach().numpy() for k, v in tr.model.state_dict().items() if "lora_" in k}
-    adapter = L.from_peft_state(state, loaded.cfg.num_layers)
+    adapter = lora.from_peft_state(state, loaded.cfg.num_layers)
     ours, pol, ref = _ours(tiny, adapter, n, cfg)
     if loss_type == "cdpo":
         # TRL 1.16's "sigmoid" has no label smoothing; cDPO = (1-e)·sigmoid(pairs) + e·sigmoid(swapped pairs)
@@ -208,8 +208,8 @@ def test_precomputed_reference_equals_online(tiny, tmp_path):
     cfg = _cfg(model, corpus, "precompute_ref=true", "batch_size=2")
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     sft = {n: {"a": p["a"], "b": 0.05 * jax.random.normal(jax.random.PRNGKey(i + 3), p["b"].shape)}
-           for i, (n, p) in enumerate(L.init_lora(loaded.cfg, jax.random.PRNGKey(4), 4, TARGETS).items())}
-    ref_params = L.merge_lora(loaded.params, sft, 2.0)  # a reference that differs from the base
+           for i, (n, p) in enumerate(lora.init_lora(loaded.cfg, jax.random.PRNGKey(4), 4, TARGETS).items())}
+    ref_params = lora.merge_lora(loaded.params, sft, 2.0)  # a reference that differs from the base
     pairs, _ = dpo_data.load_pairs(tok, dpo_data.dpo_file(corpus), 64)
     K, S = dpo_data.budgets(pairs, 64, True)
     logs = []
@@ -230,7 +230,7 @@ def test_precomputed_reference_equals_online(tiny, tmp_path):
     pre = (jnp.asarray(np.where(ids >= 0, c[np.maximum(ids, 0)], 0)),
            jnp.asarray(np.where(ids >= 0, r[np.maximum(ids, 0)], 0)))
     ad = {n: {"a": p["a"], "b": 0.03 * jax.random.normal(jax.random.PRNGKey(i + 11), p["b"].shape)}
-          for i, (n, p) in enumerate(L.init_lora(loaded.cfg, jax.random.PRNGKey(5), 8, TARGETS).items())}
+          for i, (n, p) in enumerate(lora.init_lora(loaded.cfg, jax.random.PRNGKey(5), 8, TARGETS).items())}
     for loss_type in ("sigmoid",):
         cfg_l = _cfg(model, corpus, f"loss_type={loss_type}", "nll_weight=0.5")
         _, ref_fn, loss_fn = dpo.make_loss(cfg_l, loaded.cfg)
@@ -308,7 +308,7 @@ def test_sft_then_dpo_run_exports_merged(tiny, tmp_path):
     import transformers
     from export_runs import hf_logits
 
-    from persllm_jax.export import driver as E
+    from persllm_jax.export import verify
     from persllm_jax.train import checkpoint
 
     model, corpus, loaded, tok = tiny
@@ -334,14 +334,14 @@ def test_sft_then_dpo_run_exports_merged(tiny, tmp_path):
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree_util.tree_leaves(dpo_ad)) > 0
     res = CliRunner().invoke(main, ["export", "--run", str(tmp_path / "dpo"), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
-    batch = E.probe_batch(tok, loaded.cfg, n_random=2)
+    batch = verify.probe_batch(tok, loaded.cfg, n_random=2)
     assert info["lora"]["rank"] == 2 and info["lora"]["scale"] == 4.0 and sorted(dpo_ad) == ["down_proj", "q_proj"]
-    base_sft_dpo = L.merge_lora(L.merge_lora(loaded.params, sft_ad, 2.0), dpo_ad, 4.0)  # alpha 8 / r 4, 8 / r 2
-    want = E.logits_of(base_sft_dpo, loaded.cfg, batch)
+    base_sft_dpo = lora.merge_lora(lora.merge_lora(loaded.params, sft_ad, 2.0), dpo_ad, 4.0)  # alpha 8 / r 4, 8 / r 2
+    want = verify.logits_of(base_sft_dpo, loaded.cfg, batch)
     got = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")), batch)
     mask = np.asarray(batch["segment_ids"]) > 0
     np.testing.assert_allclose(got[mask], want[mask], rtol=1e-4, atol=1e-4)
-    only_sft = E.logits_of(L.merge_lora(loaded.params, sft_ad, 2.0), loaded.cfg, batch)
+    only_sft = verify.logits_of(lora.merge_lora(loaded.params, sft_ad, 2.0), loaded.cfg, batch)
     assert np.abs(only_sft[mask] - want[mask]).max() > 1e-4  # the DPO delta is really in the export
 
 
@@ -366,7 +366,7 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path):
         assert len(lines) == 1, res.output
         return lines[0]
 
-    assert f"{f}:2: invalid JSON" in err([good, '{"prompt": ['])
+    assert f"{f}:2:13: invalid JSON" in err([good, '{"prompt": ['])
     assert f"{f}:2: missing or empty 'rejected'" in err([good, {**good, "rejected": []}])
     assert f"{f}:1: chosen[0] has unknown role 'bot'" in err([{**good, "chosen": [{"role": "bot", "content": "x"}]}])
     assert "no such file" in _cli(base[:4] + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z")]).output

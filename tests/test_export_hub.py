@@ -16,9 +16,9 @@ TOKEN = "hf_FAKEtoken0123456789secretXYZ"
 @pytest.fixture(autouse=True)
 def _online(monkeypatch):
     """conftest sets HF_HUB_OFFLINE=1 (read once at import); the fake hub is local, so allow requests to it."""
-    import huggingface_hub.constants as C
+    import huggingface_hub.constants as hub_constants
 
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture(scope="module")

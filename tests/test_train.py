@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from jax.sharding import PartitionSpec as P
 
 from chat_fixtures import tiny_model_dir, write_corpus
-from persllm_jax.train import data as D
-from persllm_jax.model import lora as L
+from persllm_jax.train import data
+from persllm_jax.model import lora
 from persllm_jax.train import sharding as shd
-from persllm_jax.train import sft as T
+from persllm_jax.train import sft
 from persllm_jax.cli import main
 from persllm_jax.train.config import load_config
 from persllm_jax.model.weights import load_model, load_tokenizer
@@ -36,20 +36,20 @@ def _cfg(model, corpus, *sets):
 
 
 def _random_adapter(mcfg, seed=0):
-    ad = L.init_lora(mcfg, jax.random.PRNGKey(seed), 4, ["all-linear"])
+    ad = lora.init_lora(mcfg, jax.random.PRNGKey(seed), 4, ["all-linear"])
     return {n: {"a": p["a"], "b": 0.05 * jax.random.normal(jax.random.PRNGKey(seed + i + 1), p["b"].shape)}
             for i, (n, p) in enumerate(ad.items())}
 
 
 def test_packed_loss_equals_unpacked(tiny):
     model, corpus, loaded, tok = tiny
-    ex, _ = D.load_examples(tok, D.corpus_file(corpus), 64)
+    ex, _ = data.load_examples(tok, data.corpus_file(corpus), 64)
     ex = ex[:10]
-    packed, unpacked = D.pack_rows(ex, 64), D.pack_rows(ex, 64, packing=False)
+    packed, unpacked = data.pack_rows(ex, 64), data.pack_rows(ex, 64, packing=False)
     assert len(packed["tokens"]) < len(unpacked["tokens"])  # really packed: several documents per row
     assert (packed["segment_ids"].max(axis=1) > 1).any()
     ad = _random_adapter(loaded.cfg)
-    nll = jax.jit(lambda p, ad, b: T.token_nll_sum(p, loaded.cfg, b, lora=ad, lora_scale=2.0))
+    nll = jax.jit(lambda p, ad, b: sft.token_nll_sum(p, loaded.cfg, b, lora=ad, lora_scale=2.0))
     f = lambda rows: nll(loaded.params, ad, {k: jnp.asarray(v) for k, v in rows.items()})
     s_p, w_p = f(packed)
     # token-weighted loss of the documents one by one
@@ -60,11 +60,11 @@ def test_packed_loss_equals_unpacked(tiny):
 
 
 def _one_step(cfg, loaded, rows, mesh):
-    opt, sched = T.make_optimizer(cfg, 10)
-    state, frozen = T.init_state(cfg, loaded.cfg, loaded.params, opt, mesh)
+    opt, sched = sft.make_optimizer(cfg, 10)
+    state, frozen = sft.init_state(cfg, loaded.cfg, loaded.params, opt, mesh)
     state["trainable"] = jax.tree_util.tree_map(lambda x: x + 0.01, state["trainable"])  # non-zero B
     state["trainable"] = shd.shard_tree(state["trainable"], shd.tree_shardings(state["trainable"], mesh))
-    step, _, _, b_sh = T.compile_step(cfg, loaded.cfg, opt, sched, state, frozen, mesh)
+    step, _, _, b_sh = sft.compile_step(cfg, loaded.cfg, opt, sched, state, frozen, mesh)
     batch = {k: v.reshape(cfg.grad_accum, cfg.batch_size, -1) for k, v in rows.items()}
     state, m = step(state, frozen, shd.put_batch(batch, b_sh))
     return jax.device_get(state["trainable"]), float(m["loss"])
@@ -72,9 +72,9 @@ def _one_step(cfg, loaded, rows, mesh):
 
 def test_grad_accum_equals_big_batch(tiny):
     model, corpus, loaded, tok = tiny
-    ex, _ = D.load_examples(tok, D.corpus_file(corpus), 64)
-    rows = {k: v[:8] for k, v in D.pack_rows(ex, 64).items()}
-    assert len(D.pack_rows(ex, 64)["tokens"]) >= 8
+    ex, _ = data.load_examples(tok, data.corpus_file(corpus), 64)
+    rows = {k: v[:8] for k, v in data.pack_rows(ex, 64).items()}
+    assert len(data.pack_rows(ex, 64)["tokens"]) >= 8
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     a, loss_a = _one_step(_cfg(model, corpus, "batch_size=2", "grad_accum=4"), loaded, rows, mesh)
     b, loss_b = _one_step(_cfg(model, corpus, "batch_size=8", "grad_accum=1"), loaded, rows, mesh)
@@ -93,14 +93,14 @@ def test_sharded_runs_match_single_device(tiny, tmp_path):
     model, corpus, loaded, tok = tiny
     assert jax.device_count() == 8
     sets = ["steps=3", "lora.dropout=0.1"]
-    ref = T.run(_cfg(model, corpus, *sets, "mesh.data=1"), tmp_path / "one", loaded=loaded, tokenizer=tok,
+    ref = sft.run(_cfg(model, corpus, *sets, "mesh.data=1"), tmp_path / "one", loaded=loaded, tokenizer=tok,
                 devices=jax.devices()[:1], progress=False, log=lambda s: None)
     ref_lora = jax.device_get(ref["state"]["trainable"])
     ref_loss = _losses(tmp_path / "one")
     assert len(ref_loss) == 3
     for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
         d = tmp_path / "x".join(map(str, mesh))
-        out = T.run(_cfg(model, corpus, *sets, f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
+        out = sft.run(_cfg(model, corpus, *sets, f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
                          f"mesh.tensor={mesh[2]}"), d, loaded=loaded, tokenizer=tok, progress=False, log=lambda s: None)
         np.testing.assert_allclose(_losses(d), ref_loss, rtol=1e-5, atol=1e-5)
         got = jax.device_get(out["state"]["trainable"])
@@ -126,7 +126,7 @@ def test_sharded_runs_match_single_device(tiny, tmp_path):
             assert q_kernel.sharding.is_fully_replicated
     # only the adapter is trained: the optimizer state holds exactly the LoRA parameters, twice (mu, nu)
     n_opt = sum(x.size for x in jax.tree_util.tree_leaves(ref["state"]["opt_state"]) if x.ndim >= 2)
-    assert n_opt == 2 * L.lora_param_count(ref_lora)
+    assert n_opt == 2 * lora.lora_param_count(ref_lora)
     saved = yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())
     assert saved["lora"]["rank"] == 8 and saved["steps"] == 3 and saved["model"] == str(model)
     run = json.loads((tmp_path / "one" / "run.json").read_text())
@@ -136,13 +136,13 @@ def test_sharded_runs_match_single_device(tiny, tmp_path):
 def test_loss_falls_on_tiny_model(tiny, tmp_path):
     model, corpus, loaded, tok = tiny
     small = write_corpus(tmp_path / "c", n=8, seed=5, turns=(1, 1))
-    out = T.run(_cfg(model, small, "steps=60", "mesh.data=1", "batch_size=2", "learning_rate=2e-2",
+    out = sft.run(_cfg(model, small, "steps=60", "mesh.data=1", "batch_size=2", "learning_rate=2e-2",
                      "lora.rank=16", "lora.alpha=32", "log_every=10"), tmp_path / "r", loaded=loaded, tokenizer=tok,
                 devices=jax.devices()[:1], progress=False, log=lambda s: None)
-    ex, _ = D.load_examples(tok, D.corpus_file(small), 64)
-    rows = {k: jnp.asarray(v) for k, v in D.pack_rows(ex, 64).items()}
-    before = T.token_nll_sum(loaded.params, loaded.cfg, rows)
-    after = T.token_nll_sum(loaded.params, loaded.cfg, rows, lora=jax.device_get(out["state"]["trainable"]),
+    ex, _ = data.load_examples(tok, data.corpus_file(small), 64)
+    rows = {k: jnp.asarray(v) for k, v in data.pack_rows(ex, 64).items()}
+    before = sft.token_nll_sum(loaded.params, loaded.cfg, rows)
+    after = sft.token_nll_sum(loaded.params, loaded.cfg, rows, lora=jax.device_get(out["state"]["trainable"]),
                             lora_scale=2.0)
     l0, l1 = float(before[0] / before[1]), float(after[0] / after[1])
     assert l1 <= 0.5 * l0, (l0, l1)
@@ -161,12 +161,12 @@ def test_smollm2_short_run_raises_answer_likelihood(tmp_path):
     cfg = load_config(overrides=["steps=4", "batch_size=1", "peak_tflops=0.15", "max_length=64", "learning_rate=2e-3", "warmup_steps=0",
                                  "mesh.data=1", "lora.rank=8", "lora.alpha=16", "log_every=1", "packing=false"],
                       base={"model": "smollm2", "data": str(tmp_path)})
-    out = T.run(cfg, tmp_path / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
+    out = sft.run(cfg, tmp_path / "run", loaded=loaded, tokenizer=tok, devices=jax.devices()[:1], progress=False,
                 log=lambda s: None)
-    ex, _ = D.load_examples(tok, D.corpus_file(tmp_path), 64)
-    batch = {k: jnp.asarray(v) for k, v in D.pack_rows(ex, 64, packing=False).items()}
-    s0, w = T.token_nll_sum(loaded.params, loaded.cfg, batch)
-    s1, _ = T.token_nll_sum(loaded.params, loaded.cfg, batch, lora=jax.device_get(out["state"]["trainable"]),
+    ex, _ = data.load_examples(tok, data.corpus_file(tmp_path), 64)
+    batch = {k: jnp.asarray(v) for k, v in data.pack_rows(ex, 64, packing=False).items()}
+    s0, w = sft.token_nll_sum(loaded.params, loaded.cfg, batch)
+    s1, _ = sft.token_nll_sum(loaded.params, loaded.cfg, batch, lora=jax.device_get(out["state"]["trainable"]),
                             lora_scale=2.0)
     assert float(s1) < float(s0) - 0.1 * float(w), (float(s0 / w), float(s1 / w))  # >= 0.1 nats/token better
 
@@ -209,8 +209,8 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path):
 
 def test_bf16_compute_keeps_fp32_master_weights(tiny):
     model, corpus, loaded, tok = tiny
-    ex, _ = D.load_examples(tok, D.corpus_file(corpus), 64)
-    rows = {k: v[:2] for k, v in D.pack_rows(ex, 64).items()}
+    ex, _ = data.load_examples(tok, data.corpus_file(corpus), 64)
+    rows = {k: v[:2] for k, v in data.pack_rows(ex, 64).items()}
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     a, loss32 = _one_step(_cfg(model, corpus, "batch_size=2"), loaded, rows, mesh)
     b, loss16 = _one_step(_cfg(model, corpus, "batch_size=2", "dtype=bfloat16"), loaded, rows, mesh)
