@@ -83,6 +83,7 @@ class Backend(abc.ABC):
 
     def __init__(self):
         self.stats: Counter = Counter()
+        self.last_error: dict[str, str] = {}  # endpoint -> why its last failed attempt failed (no key in it)
 
     def run(self, requests: list[Request], on_result: OnResult) -> None:
         """Answer every request, calling on_result(request, result) as each one is done (cache hits
@@ -141,6 +142,24 @@ class OpenAIBackend(Backend):
     def _scrub(self, msg: str) -> str:
         return msg.replace(self._key, "***") if self._key else msg
 
+    def _why(self, e: Exception) -> str:
+        """One line saying why a request failed: connection refused / timeout / HTTP status and body."""
+        import openai
+
+        if isinstance(e, openai.APITimeoutError):
+            return f"timeout after {float(self.cfg['timeout']):g} s"
+        if isinstance(e, openai.APIStatusError):
+            body = getattr(e, "body", None)
+            detail = body.get("message") if isinstance(body, dict) else (body or getattr(e, "message", ""))
+            return f"HTTP {e.status_code}: {self._scrub(str(detail))[:200]}"
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        text = str(cause)
+        if isinstance(cause, ConnectionRefusedError) or "refused" in text.lower():
+            return "connection refused"
+        return self._scrub(text.splitlines()[0] if text.strip() else type(cause).__name__)[:200]
+
     def _run(self, requests, on_result):
         asyncio.run(self._run_async(requests, on_result))
 
@@ -151,6 +170,12 @@ class OpenAIBackend(Backend):
                                     timeout=float(self.cfg["timeout"]))
         sem = asyncio.Semaphore(int(self.cfg["concurrency"]))
         fatal: list[str] = []
+        url = self.identity["base_url"]
+
+        def failed(e: Exception) -> str:
+            why = self._why(e)
+            self.last_error[url] = why
+            return why
 
         async def one(req: Request) -> tuple[Request, Result]:
             retries = int(self.cfg["retries"])
@@ -175,32 +200,42 @@ class OpenAIBackend(Backend):
                     if not isinstance(text, str):
                         raise TypeError("no message content")
                 except openai.RateLimitError as e:
+                    failed(e)
                     last = "429"
                     try:
                         retry_after = float(e.response.headers.get("retry-after") or 0)
                     except (TypeError, ValueError, AttributeError):
                         retry_after = 0.0
                     continue
-                except openai.APITimeoutError:
+                except openai.APITimeoutError as e:
+                    failed(e)
                     last = "timeout"
                     continue
-                except openai.APIConnectionError:
+                except openai.APIConnectionError as e:
                     last = "connection"
+                    if failed(e) == "connection refused" and attempt >= 1 and not self.stats["ok"]:
+                        # refused twice and nothing ever answered: no server there; stop instead of retrying all
+                        fatal.append(f"annotator endpoint {url}: connection refused on every attempt (is the "
+                                     f"server running? check --base-url / OPENAI_BASE_URL)")
+                        return req, Result(None, "connection_refused")
                     continue
                 except openai.APIStatusError as e:
                     code = e.status_code
+                    why = failed(e)
                     if code >= 500 or code in (408, 409):
                         last = str(code) if code < 600 else "5xx"
                         continue
                     if code in (401, 403, 404):
-                        fatal.append(f"annotator endpoint {self.identity['base_url']} answered {code} "
-                                     f"({self._scrub(str(e))[:200]}); check the model name and OPENAI_API_KEY")
+                        fatal.append(f"annotator endpoint {url} answered {code} ({why[len(f'HTTP {code}: '):]}); "
+                                     f"check the model name and OPENAI_API_KEY")
                         return req, Result(None, f"http_{code}")
                     return req, Result(None, f"http_{code}")
                 except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError, IndexError,
-                        KeyError):
+                        KeyError) as e:
+                    self.last_error[url] = f"malformed reply ({type(e).__name__})"
                     last = "malformed"
                     continue
+                self.stats["ok"] += 1
                 self.cache.put(req, text)
                 return req, Result(text)
             self.stats["failed"] += 1

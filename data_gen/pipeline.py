@@ -26,6 +26,7 @@ from data_gen.materials import chunk_persona, load_personas
 from data_gen.prompts import Templates, format_cot
 from data_gen.retrieval import Index
 from persllm_jax.io import atomic_replace, atomic_write_text, write_jsonl
+from persllm_jax.outputs import MARKER, check_output, mark
 
 
 class _NoBar:
@@ -137,11 +138,15 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
                                f"'{p.language}' (give one with --set templates.dir=DIR)")
     general = mixing.load_general(cfg["mix"]["general"], cfg["mix"]["general_max"]) if cfg["mix"]["general"] else []
     out = Path(out_dir)
+    check_output(out, [personas_dir, cfg["mix"]["general"], cfg["templates"]["dir"]])
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in (MARKER, "manifest.json", "work")):
+        raise DataGenError(f"--out {out} is not empty and not a corpus folder; choose another --out")
     backend = make_backend(annotator, base_url, cfg["annotator"], Path(cache_dir) if cache_dir else out / "cache")
     ctx = Ctx(cfg, personas, out, backend, progress)
     ctx.chunks, ctx.chunk_by_id = chunks, {c.id: c for c in chunks}
     digest = hashlib.sha256(json.dumps([dataclasses.astuple(c) for c in chunks]).encode()).hexdigest()[:16]
     ctx.work.mkdir(parents=True, exist_ok=True)
+    mark(out, "data build")
     _check_state(ctx, restart, digest)
     t1 = time.perf_counter()
     chunks, ctx.classified = classify_unsorted(ctx, chunks)
@@ -274,8 +279,28 @@ def _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, 
         "rejected": rejected,
         "dpo_not_paired": dpo_missing,
         "requests": dict(sorted(ctx.backend.stats.items())),
+        "annotator_errors": dict(ctx.backend.last_error),  # endpoint -> why its last failed request failed
+        # incomplete: some requests failed after every retry (a rerun retries them) or nothing was kept
+        "complete": failed_requests(reasons) == 0 and len(train) > 0,
         "timings_s": {**timings, "total": round(total, 3)},
     }
+
+
+def failed_requests(rejected_by_reason) -> int:
+    """Items whose annotator request failed after every retry (a rerun of the build retries them)."""
+    return sum(v for k, v in rejected_by_reason.items() if k.endswith("annotator_failed"))
+
+
+def failure_message(m: dict) -> str | None:
+    """Why a finished build is not usable as it is, worded for the user (None: it is)."""
+    failed = failed_requests(m["rejected_by_reason"])
+    errors = "; ".join(f"last error from {url}: {why}" for url, why in m.get("annotator_errors", {}).items())
+    if failed:
+        return (f"{failed} annotator requests failed after all retries ({errors or 'no error recorded'}); rerun the "
+                f"same command to retry them (answered requests come from the cache)")
+    if not m["totals"]["sft_train"]:
+        return f"no training item survived (rejected: {m['rejected_by_reason'] or 'none'})"
+    return None
 
 
 def summary_table(m: dict) -> str:

@@ -98,6 +98,24 @@ def base_spec_of(info: dict, run_dir: Path) -> str:
     raise RunError(f"{run_dir}/run.json: base model {info.get('model_source') or info.get('model')!r} not found")
 
 
+def input_paths(run_dir: str | Path) -> list[Path]:
+    """What a run reads: its folder, every parent run's, and the base model's path (for output-safety checks;
+    cheap: run.json files only)."""
+    out, seen, cur = [], set(), Path(run_dir)
+    while cur is not None and os.path.realpath(cur) not in seen:
+        seen.add(os.path.realpath(cur))
+        out.append(cur)
+        try:
+            info = read_run(cur)
+        except RunError:
+            break
+        spec = info.get("model_source") or info.get("model")
+        if spec and spec != "smollm2" and Path(spec).exists():
+            out.append(Path(spec))
+        cur, _ = parent_of(info, cur)
+    return out
+
+
 # --- stages and chains ----------------------------------------------------------------------------------
 
 
@@ -143,7 +161,9 @@ def _load_stage(run_dir: Path, info: dict, step: int | None) -> Stage:
     try:
         weights, meta = checkpoint.load_trained(run_dir, step)
     except Exception as e:  # orbax raises a zoo of types for damaged checkpoints
-        raise RunError(f"{run_dir}: cannot read checkpoint {step}: {str(e).splitlines()[0]}") from None
+        earlier = [s for s in steps if s < step]
+        hint = f"; pass --step {earlier[-1]} to use the one before it" if earlier else ""
+        raise RunError(f"{run_dir}: checkpoint {step} is damaged ({checkpoint.first_line(e)}){hint}") from None
     weights = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), weights)
     kind = meta.get("kind") or info.get("kind") or "lora"
     scale = None
@@ -229,5 +249,5 @@ def stacked_adapter(stages: list[Stage], mcfg) -> tuple[dict, int, float, float]
 
 
 __all__ = ["RunError", "read_run", "write_run", "checkpoint_steps", "latest_step", "read_metrics", "last_metrics",
-           "parent_of", "base_spec_of", "Stage", "Chain", "load_stages", "load_chain", "merged_params",
+           "parent_of", "base_spec_of", "input_paths", "Stage", "Chain", "load_stages", "load_chain", "merged_params",
            "stacked_adapter"]

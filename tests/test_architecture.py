@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("persllm_jax", "data_gen")
 
 # top-level modules of persllm_jax that every layer may use (they import nothing of ours but each other)
-FOUNDATION = ("persllm_jax", "persllm_jax.errors", "persllm_jax.io", "persllm_jax.settings")
+FOUNDATION = ("persllm_jax", "persllm_jax.errors", "persllm_jax.io", "persllm_jax.settings", "persllm_jax.outputs")
 
 # subpackage (or module) -> what it may import of ours, besides itself and FOUNDATION
 MAY_IMPORT = {
@@ -137,8 +137,7 @@ def layer_of(name: str) -> str | None:
 
 def allowed(importer: str, imported: str) -> bool:
     layer = layer_of(importer)
-    if imported in FOUNDATION or imported.startswith("persllm_jax.") and imported.count(".") == 1 \
-            and imported in ("persllm_jax.errors", "persllm_jax.io", "persllm_jax.settings"):
+    if imported in FOUNDATION:
         return True
     if layer is None:
         return importer in FOUNDATION and imported in FOUNDATION

@@ -38,7 +38,7 @@ def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cac
     3 when annotator requests failed after all retries (rerun to retry them).
     """
     from data_gen.config import load_config
-    from data_gen.pipeline import build
+    from data_gen.pipeline import build, failure_message
 
     try:
         cfg = load_config(config_file, sets)
@@ -50,23 +50,36 @@ def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cac
     except PersllmError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    failed = sum(v for k, v in m["rejected_by_reason"].items() if k.endswith("annotator_failed"))
-    if failed:
-        click.echo(f"error: {failed} annotator requests failed after all retries; rerun the same command to "
-                   f"retry them (answered requests come from the cache)", err=True)
+    problem = failure_message(m)
+    if problem:
+        click.echo(f"error: {problem}", err=True)
         sys.exit(3)
 
 
 @data.command("check")
 @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
 def check_cmd(corpus_dir):
-    """Validate a corpus folder's sft/ and dpo/ rows against the formats; exit 1 on any error."""
+    """Validate a corpus folder's sft/ and dpo/ rows against the formats; exit 1 on any error, on an empty
+    training split, and on a build its manifest marks incomplete (annotator requests that failed)."""
     from pathlib import Path
 
     from data_gen.formats import check_dpo_row, check_sft_row
-    from persllm_jax.io import read_jsonl
+    from data_gen.pipeline import failure_message
+    from persllm_jax.io import read_json, read_jsonl
 
     bad = 0
+    manifest = Path(corpus_dir) / "manifest.json"
+    if manifest.is_file():
+        try:
+            m = read_json(manifest)
+        except PersllmError as e:
+            click.echo(str(e), err=True)
+            bad += 1
+        else:
+            problem = failure_message(m) if "rejected_by_reason" in m and "totals" in m else None
+            if m.get("complete") is False or problem:
+                click.echo(f"{manifest}: the build is incomplete: {problem or 'marked incomplete'}", err=True)
+                bad += 1
     for name, check in (("sft/train.jsonl", check_sft_row), ("sft/test.jsonl", check_sft_row),
                         ("dpo/train.jsonl", check_dpo_row)):
         path = Path(corpus_dir) / name
@@ -91,6 +104,9 @@ def check_cmd(corpus_dir):
                 if bad <= 20:
                     click.echo(f"{path}:{i}: {e}", err=True)
         click.echo(f"{name}: {len(rows)} rows")
+        if name == "sft/train.jsonl" and not rows:
+            click.echo(f"{path}: no training rows", err=True)
+            bad += 1
     if bad:
         click.echo(f"error: {bad} problems", err=True)
         sys.exit(1)

@@ -12,6 +12,7 @@ from persllm_jax import settings
 from persllm_jax.eval import EvalError, human, plots, report
 from persllm_jax.eval.corpus import load_test, persona_stages, question_of, read_manifest, reference_of
 from persllm_jax.io import atomic_write_json, atomic_write_text, read_json, read_jsonl, write_jsonl
+from persllm_jax.outputs import check_output, mark
 
 DEFAULTS: dict = {
     "samples": 2,  # answers per test item (distinction needs >= 2 for the intra BLEU of a one-item stage)
@@ -58,8 +59,10 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
     t0 = time.perf_counter()
     cfg = load_config(config, sets)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs = [r.split("=", 1)[1] if "=" in r and not Path(r).exists() else r for r in runs]
+    check_output(out_dir, [data, personas_dir, model, *run_dirs])  # results never overwrite what they evaluate
     rows = load_test(data, cfg["limit_per_stage"])
+    mark(out_dir, "eval")
     manifest = read_manifest(data)
     personas = persona_stages(rows, manifest)
     if personas_dir is None:

@@ -12,14 +12,14 @@ Formats:
   peft     see peft.py: one adapter on the original base (an SFT->DPO chain is stacked into rank r1+r2).
 
 Every export is written into a temp directory next to OUT, reloaded with our own loader (no torch needed),
-its logits compared with our model's on a few prompts, and only then renamed to OUT. A mismatch raises
-`ExportError` and leaves OUT untouched.
+its logits compared with our model's on a few prompts, and only then swapped in for OUT (persllm_jax/outputs.py:
+OUT may not be the run, a parent run or the base model, and `--overwrite` replaces only an export we wrote).
+A mismatch raises `ExportError` and leaves OUT untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +30,8 @@ from persllm_jax.export.merged import export_merged
 from persllm_jax.export.model_card import write_model_card
 from persllm_jax.export.peft import export_peft
 from persllm_jax.io import DTYPE_NAMES
-from persllm_jax.runs import load_chain
+from persllm_jax.outputs import check_output, check_replaceable, replace_dir, temp_beside
+from persllm_jax.runs import input_paths, load_chain
 
 
 @dataclasses.dataclass
@@ -48,27 +49,6 @@ def default_dtype(hf_config: dict) -> str:
     return d if d in DTYPE_NAMES else "float32"
 
 
-def _tmp_dir(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to OUT (an existing OUT is replaced only with `overwrite`)."""
-    if out.exists():
-        if not overwrite:
-            raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str | None = None,
            step: int | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD, overwrite: bool = False,
            log=print) -> ExportResult:
@@ -78,10 +58,8 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
         raise ExportError(f"unknown format {fmt!r}: use merged or peft")
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ExportError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
+    check_output(out, input_paths(run_dir))  # never the run, its parents or the base model
+    check_replaceable(out, overwrite)  # and only a folder we wrote: checked before minutes of work
     max_bytes = parse_size(max_shard_size)
     times = {}
     t0 = time.perf_counter()
@@ -89,8 +67,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
     dtype = dtype or default_dtype(chain.base.hf_config)
     times["load"] = time.perf_counter() - t0
     log(f"run {run_dir}: {' -> '.join(f'{s.kind}@{s.step}' for s in chain.stages)} on {chain.base_spec}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_dir(out)
+    tmp = temp_beside(out)
     try:
         if fmt == "merged":
             files, checks = export_merged(chain, tmp, dtype, max_bytes, times, log)
@@ -99,7 +76,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
 
         write_model_card(tmp, chain, fmt, dtype, checks)
         files = sorted(p.name for p in tmp.iterdir())
-        _publish(tmp, out, overwrite)
+        replace_dir(tmp, out, overwrite, "export")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
-from persllm_jax.errors import PersllmError
+from persllm_jax.errors import InputError, PersllmError
+from persllm_jax.io import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -120,9 +120,9 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
     if not path.is_file():
         raise ModelConfigError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        cfg = read_json(path, "config.json")
+    except InputError as e:
+        raise ModelConfigError(str(e)) from None
     return from_hf_dict(cfg, str(path))
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax.errors import PersllmError
-from persllm_jax.io import atomic_replace, cache_root
+from persllm_jax.errors import InputError, PersllmError
+from persllm_jax.io import atomic_replace, cache_root, read_json
 from persllm_jax.model.config import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
@@ -105,7 +105,10 @@ def _layer_leaves(cfg: ModelConfig) -> list[tuple[str, str | None]]:
 def _safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (InputError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index ({e})") from None
         return [model_dir / f for f in sorted(set(weight_map.values()))]
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -123,10 +126,16 @@ def _read_safetensors(files: list[Path]) -> dict[str, Any]:
 
     tensors: dict[str, Any] = {}
     for path in files:
-        # framework="flax" because numpy cannot represent bfloat16 checkpoints.
-        with safe_open(str(path), framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        if not path.is_file():
+            raise WeightsError(f"{path}: missing (named by the safetensors index)")
+        try:
+            # framework="flax" because numpy cannot represent bfloat16 checkpoints.
+            with safe_open(str(path), framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a truncated file)
+            raise WeightsError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0][:200]}); "
+                               f"it may be truncated: download or export it again") from None
     return tensors
 
 
@@ -160,7 +169,7 @@ def params_from_hf_state(cfg: ModelConfig, state: dict[str, Any], dtype, source:
 def load_hf_dir(model_dir: str | Path, dtype=jnp.float32) -> LoadedModel:
     model_dir = Path(model_dir)
     cfg = load_hf_config(model_dir)
-    hf_config = json.loads((model_dir / "config.json").read_text())
+    hf_config = read_json(model_dir / "config.json")
     files = _safetensors_files(model_dir)
     params = params_from_hf_state(cfg, _read_safetensors(files), dtype, str(model_dir))
     gen_cfg = model_dir / "generation_config.json"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from persllm_jax.errors import PersllmError
 from persllm_jax.io import atomic_write_json, atomic_write_text, read_json
+from persllm_jax.outputs import MARKER, check_output, mark
 from persllm_jax.pipeline.config import (
     STAGES,
     ReproduceError,
@@ -134,7 +135,11 @@ class Pipeline:
         return _hash({"stage": name, **own})
 
     def run(self) -> list[dict]:
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_output(self.out, [self.cfg["personas"], self.cfg["model"]])
+        ours = any((self.out / n).exists() for n in (MARKER, "reproduce.yaml", "stages"))
+        if self.out.is_dir() and any(self.out.iterdir()) and not ours:
+            raise ReproduceError(f"--out {self.out} is not empty and not a reproduce folder; choose another --out")
+        mark(self.out, "reproduce")
         atomic_write_text(self.out / "reproduce.yaml", dump(self.cfg))
         t_all = time.perf_counter()
         for name in STAGES:
@@ -178,7 +183,7 @@ class Pipeline:
 
     # data -------------------------------------------------------------------------------------------
     def _run_data(self, fresh: bool):
-        from data_gen.pipeline import build
+        from data_gen.pipeline import build, failure_message
 
         d = self.cfg["data"]
         if fresh and self.corpus.exists():  # new settings: new corpus; the annotator cache (OUT/cache) is kept
@@ -188,14 +193,10 @@ class Pipeline:
                       base_url=d["base_url"], cache_dir=str(self.out / "cache"), progress=self.progress, echo=self.log)
         except PersllmError as e:
             raise ReproduceError(f"data build: {e}") from None
-        failed = sum(v for k, v in m["rejected_by_reason"].items() if k.endswith("annotator_failed"))
-        if failed:
-            raise ReproduceError(f"data build: {failed} annotator requests failed after all retries; rerun the same "
-                                 f"command to retry them (answered requests come from the cache)")
+        problem = failure_message(m)
+        if problem:
+            raise ReproduceError(f"data build: {problem}; see {self.corpus / 'manifest.json'}")
         t = m["totals"]
-        if not t["sft_train"]:
-            raise ReproduceError(f"data build: no training item survived ({m['rejected_by_reason']}); see "
-                                 f"{self.corpus / 'manifest.json'}")
         if self.cfg["eval"].get("enabled", True) and not t["sft_test"]:
             raise ReproduceError("data build: the test split is empty, so there is nothing to evaluate on; raise "
                                  "data.config.split.test_fraction or set eval.enabled=false")

@@ -24,6 +24,12 @@ class CheckpointError(PersllmError):
     """A run without the checkpoint asked for."""
 
 
+def first_line(e: BaseException) -> str:
+    """One line saying why a restore failed (orbax and tensorstore errors run over many lines)."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=opts)
@@ -55,6 +61,26 @@ def restore(mgr: ocp.CheckpointManager, step: int, trainable, opt_state, train_s
     return out[kind], out["opt_state"], out["train_state"], dict(out["meta"])
 
 
+def restore_latest_good(mgr: ocp.CheckpointManager, run_dir: Path, trainable, opt_state, train_state,
+                        kind: str = "lora", log=print):
+    """(step, (trainable, opt_state, train_state, meta)) of the newest checkpoint that restores, or None when the
+    run has none. A checkpoint that fails to restore (a truncated file, a kill mid-write by something other than
+    orbax) is reported in one line and moved aside to RUN_DIR/damaged_checkpoints/<step>, never deleted."""
+    import shutil
+
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            return step, restore(mgr, step, trainable, opt_state, train_state, kind)
+        except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many types for damaged files)
+            aside = Path(run_dir) / "damaged_checkpoints" / str(step)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(run_dir).absolute() / "checkpoints" / str(step)), str(aside))
+            mgr.reload()
+            log(f"warning: checkpoint {step} cannot be restored ({first_line(e)}); moved to {aside}, "
+                f"resuming from the one before it")
+    return None
+
+
 def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None = None):
     """(weights, meta) of a run's checkpoint, on the default device: for export, DPO and evaluation."""
     mgr = manager(run_dir, create=False)
@@ -69,4 +95,4 @@ def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None 
     return out[kind], meta
 
 
-__all__ = ["CheckpointError", "manager", "save", "restore", "load_trained"]
+__all__ = ["CheckpointError", "first_line", "manager", "save", "restore", "restore_latest_good", "load_trained"]

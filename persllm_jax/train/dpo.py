@@ -55,7 +55,7 @@ from persllm_jax.train.dpo_data import (
     load_pairs,
     pack_pairs,
 )
-from persllm_jax.train.loop import train_loop
+from persllm_jax.train.loop import run_folder, train_loop
 
 # --- model side ------------------------------------------------------------------------------------
 
@@ -258,11 +258,18 @@ def base_params(cfg: DPOConfig, loaded=None, log=print):
 
 def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
         log=print) -> dict:
-    """DPO per `cfg` into `run_dir` (resuming from its latest checkpoint); same loop and outputs as train.run."""
+    """Train per `cfg` into `run_dir` (resuming from its latest good checkpoint). Returns a summary dict."""
+    run_dir = Path(run_dir)
+    with run_folder(run_dir, cfg, [cfg.data, cfg.model, cfg.from_run]):
+        return _train(cfg, run_dir, loaded=loaded, tokenizer=tokenizer, devices=devices, progress=progress, log=log)
+
+
+def _train(cfg: DPOConfig, run_dir: Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
+           log=print) -> dict:
+    """The body of `run`, inside its checked run folder."""
     from persllm_jax.model.weights import load_tokenizer
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     distributed.initialize(cfg, log)  # multi-host (persllm_jax/distributed.py); once per process
     base, params, spec, parent = base_params(cfg, loaded, log)
     if cfg.from_run:

@@ -7,7 +7,9 @@ dpo.py; gradient accumulation happens inside it (a scan over micro-batches that 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from persllm_jax.io import read_jsonl, write_jsonl
-from persllm_jax.runs import write_run
+from persllm_jax.outputs import MARKER, OutputError, check_output
+from persllm_jax.runs import checkpoint_steps, write_run
+from persllm_jax.settings import ConfigError, read_file
 from persllm_jax.train import checkpoint, distributed
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig, save_config
@@ -46,6 +50,48 @@ def _trim_metrics(path: Path, upto: int) -> None:
         write_jsonl(path, [r for r in read_jsonl(path, torn_tail=True) if r.get("step", 0) <= upto])
 
 
+# settings a checkpoint's shapes depend on: resuming under other values cannot work
+RESUME_KEYS = ("model", "lora.enabled", "lora.rank", "lora.targets")
+
+
+def resume_conflicts(saved: dict, cfg) -> list[str]:
+    """The RESUME_KEYS whose value in RUN_DIR/config.yaml (`saved`) differs from `cfg`'s, as 'key: old -> new'."""
+    out = []
+    for key in RESUME_KEYS:
+        old, new = saved, cfg
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = getattr(new, part, None)
+        if old is not None and old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path, cfg, inputs):
+    """The run's folder, checked before any work: never one of the run's `inputs` (its data, model, parent
+    run), never a non-empty folder that is not a run, never resumed under settings its checkpoints cannot take.
+    Created here, and removed again when the run fails before it wrote its first checkpoint."""
+    check_output(run_dir, inputs)
+    existed = run_dir.exists()
+    if existed and any(run_dir.iterdir()) and not any((run_dir / n).exists() for n in ("run.json", "checkpoints",
+                                                                                      MARKER)):
+        raise OutputError(f"--out {run_dir} is not empty and not a run directory; choose another --out")
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and checkpoint_steps(run_dir):
+        conflicts = resume_conflicts(read_file(saved), cfg)
+        if conflicts:
+            raise ConfigError(f"{run_dir} holds checkpoints trained with other settings ({'; '.join(conflicts)}): "
+                              f"resume with the run's own settings, or give a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield run_dir
+    except BaseException:
+        if not existed and not checkpoint_steps(run_dir):  # nothing of value written: leave no empty run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh, stream, total: int, kind: str,
                info: dict, fpt: float, desc: str, progress: bool = True, log=print, int_metrics=("trained_tokens",)):
     """The loop shared by SFT and DPO: resume, config.yaml + run.json, metrics.jsonl, progress bar, checkpoints.
@@ -55,10 +101,10 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
     """
     mgr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
     start, data_pos = 0, 0
-    latest = mgr.latest_step()
-    if latest is not None:
-        trainable, opt_state, tstate, meta = checkpoint.restore(
-            mgr, latest, state["trainable"], state["opt_state"], {"step": state["step"], "rng": state["rng"]}, kind)
+    restored = checkpoint.restore_latest_good(mgr, run_dir, state["trainable"], state["opt_state"],
+                                              {"step": state["step"], "rng": state["rng"]}, kind, log)
+    if restored is not None:
+        latest, (trainable, opt_state, tstate, meta) = restored
         state = {"step": tstate["step"], "trainable": trainable, "opt_state": opt_state, "rng": tstate["rng"]}
         start, data_pos = int(meta["step"]), int(meta["data_position"])
         log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
@@ -115,4 +161,4 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
             "peak_flops": peak}
 
 
-__all__ = ["train_loop", "measure_peak_flops", "peak_flops"]
+__all__ = ["train_loop", "run_folder", "resume_conflicts", "RESUME_KEYS", "measure_peak_flops", "peak_flops"]

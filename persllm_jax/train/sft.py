@@ -27,7 +27,7 @@ from persllm_jax.train import data as data_mod
 from persllm_jax.train import distributed
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig
-from persllm_jax.train.loop import train_loop
+from persllm_jax.train.loop import run_folder, train_loop
 
 # --- loss and step ---------------------------------------------------------------------------------
 
@@ -192,11 +192,18 @@ def lora_info_of(cfg: TrainConfig) -> dict | None:
 
 def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
         log=print) -> dict:
-    """Train per `cfg` into `run_dir` (resuming from its latest checkpoint). Returns a summary dict."""
+    """Train per `cfg` into `run_dir` (resuming from its latest good checkpoint). Returns a summary dict."""
+    run_dir = Path(run_dir)
+    with run_folder(run_dir, cfg, [cfg.data, cfg.model]):
+        return _train(cfg, run_dir, loaded=loaded, tokenizer=tokenizer, devices=devices, progress=progress, log=log)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, loaded=None, tokenizer=None, devices=None, progress: bool = True,
+           log=print) -> dict:
+    """The body of `run`, inside its checked run folder."""
     from persllm_jax.model.weights import load_model, load_tokenizer
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     distributed.initialize(cfg, log)  # multi-host: config keys, JAX_* environment or cluster autodetection
     loaded = loaded or load_model(cfg.model)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
