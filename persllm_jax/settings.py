@@ -199,7 +199,7 @@ def apply(cfg, over, where: str, prefix: str = "", whole=(), open_sections=()):
     for name, value in over.items():
         key = f"{prefix}{name}"
         if name not in cfg:
-            raise _unknown(key, where, cfg, prefix, whole)
+            raise _unknown(key, where, cfg, prefix, set(whole) | set(open_sections))
         default = cfg[name]
         if key in open_sections:
             if isinstance(value, str) and value:  # an open section may name a file of its own instead
