@@ -332,16 +332,26 @@ def summary(rows: list[dict]) -> dict:
 def corpus_step(ctx, test_items: list[dict]) -> dict:
     """`data build`'s probes step: OUT/probes.jsonl (the four kinds) and OUT/controls.jsonl (each test `error`
     item with its matched true-premise control). Builder `auto`: the annotator for an openai: annotator, the
-    rules for a local one (a small local model writes poor probes)."""
+    rules for a local one (a small local model writes poor probes); the annotator's prompt is English, so under
+    `auto` personas in other languages get the rules."""
     pc = ctx.cfg["probes"]
     builder = pc["builder"]
     if builder == "none":
         return {"builder": "none"}
-    if builder == "auto":
-        builder = "annotator" if ctx.backend.identity.get("backend") == "openai" else "rules"
     personas = list(ctx.personas.values())
-    rows, rejected = build_probes(personas, builder, ctx.backend, int(pc["max_per_cell"]), int(ctx.cfg["seed"]),
-                                  pc["max_future_per_cell"])
+    by_builder = {builder: personas}
+    if builder == "auto":
+        by_builder = {"rules": personas}
+        if ctx.backend.identity.get("backend") == "openai":
+            by_builder = {"annotator": [p for p in personas if p.language == "en"],
+                          "rules": [p for p in personas if p.language != "en"]}
+    rows, rejected = [], []
+    for name, group in by_builder.items():
+        if group:
+            got, bad = build_probes(group, name, ctx.backend, int(pc["max_per_cell"]), int(ctx.cfg["seed"]),
+                                    pc["max_future_per_cell"])
+            rows, rejected = rows + got, rejected + bad
+    builder = "+".join(name for name, group in by_builder.items() if group) or "none"
     write_jsonl(ctx.out / "probes.jsonl", rows)
     errors = []
     for it in test_items:
