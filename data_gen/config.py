@@ -66,6 +66,12 @@ DEFAULTS: dict = {
         "repeat": 1,  # persona SFT rows repeated this often in sft/train.jsonl (paper: 5)
     },
     "templates": {"dir": None},  # files here override the shipped templates by name
+    "probes": {  # point-in-time probes (probes.jsonl) and premise controls (controls.jsonl); data_gen/probes.py
+        "builder": "auto",  # auto (annotator for openai:, rules for local:) | rules | annotator | none
+        "max_per_cell": 5,  # per persona, kind, asked stage and fact stage
+        "max_future_per_cell": 15,
+        "controls": True,
+    },
 }
 
 
@@ -95,6 +101,10 @@ def validate(cfg: dict) -> None:
         raise DataGenError("config: dedup.method must be auto, tfidf, dense or none")
     if not 0 <= float(cfg["split"]["test_fraction"]) < 1:
         raise DataGenError("config: split.test_fraction must be in [0, 1)")
+    if cfg["probes"]["builder"] not in ("auto", "rules", "annotator", "none"):
+        raise DataGenError("config: probes.builder must be auto, rules, annotator or none")
+    if min(cfg["probes"]["max_per_cell"], cfg["probes"]["max_future_per_cell"]) < 1:
+        raise DataGenError("config: probes.max_per_cell and probes.max_future_per_cell must be >= 1")
     if int(cfg["mix"]["repeat"]) < 1:
         raise DataGenError("config: mix.repeat must be >= 1")
 

@@ -4,6 +4,7 @@
                             cross_temporal.jsonl (resumable step files)
     CORPUS_DIR/cache/       annotator responses keyed by request hash (unless --cache-dir)
     CORPUS_DIR/sft/train.jsonl, sft/test.jsonl, dpo/train.jsonl, manifest.json
+    CORPUS_DIR/probes.jsonl, controls.jsonl   point-in-time probes and premise controls (data_gen/probes.py)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data_gen import annotate, dpo_pairs, mixing, split
+from data_gen import annotate, dpo_pairs, mixing, probes, split
 from data_gen.backends import make_backend
 from data_gen.classify import classify_unsorted
 from data_gen.config import fingerprint
@@ -220,6 +221,9 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     write_jsonl(out / "sft" / "test.jsonl", [sft_row(r) for r in test])
     write_jsonl(out / "dpo" / "train.jsonl", sorted(pairs, key=lambda r: r["id"]))
     timed("write", t0)
+    t0 = time.perf_counter()
+    probe_stats = probes.corpus_step(ctx, test)  # probes.jsonl, controls.jsonl
+    timed("probes", t0)
 
     steps = {"inputs_ok": [it for it in items if (inputs.get(it["id"]) or {}).get("input")],
              "responses_ok": [it for it in items if (responses.get(it["id"]) or {}).get("response")],
@@ -232,6 +236,7 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
             previous = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("runs", [])
         except ValueError:
             previous = []
+    manifest["probes"] = probe_stats
     manifest["runs"] = previous + [{"created": manifest["created"], "requests": manifest["requests"],
                                     "total_s": manifest["timings_s"]["total"]}]
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -294,6 +299,7 @@ def failed_requests(rejected_by_reason) -> int:
 def failure_message(m: dict) -> str | None:
     """Why a finished build is not usable as it is, worded for the user (None: it is)."""
     failed = failed_requests(m["rejected_by_reason"])
+    failed += m.get("probes", {}).get("rejected_by_reason", {}).get("annotator_failed", 0)  # the probes step's
     errors = "; ".join(f"last error from {url}: {why}" for url, why in m.get("annotator_errors", {}).items())
     if failed:
         return (f"{failed} annotator requests failed after all retries ({errors or 'no error recorded'}); rerun the "

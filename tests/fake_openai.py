@@ -25,6 +25,11 @@ def canned_answer(messages: list[dict]) -> str:
     words = re.findall(r"[A-Za-z][A-Za-z'-]+", user) or ["things"]
     start = int(_h("w" + key) * len(words))
     window = " ".join((words * 3)[start:start + 7])
+    if "[Consistent]" in user:  # data_gen.probes_llm's annotator builder
+        if u < 0.05:
+            return "I would rather not write that."  # unparsable: counted as rejected
+        return (f"[Question] What do you know of {window}?\n[Consistent] I can speak of {window} as I know it then.\n"
+                f"[Inconsistent] I know all about {window}, even what comes later (#{int(u * 1e6)}).")
     if "objective or subjective" in system:
         return "Subjective." if re.search(r"\b(I|my|me)\b", user) else "objective"
     if "[Analysis]" in system or "[分析]" in system:

@@ -16,6 +16,7 @@ from fake_openai import FakeOpenAI
 from data_gen.config import load_config
 from data_gen.formats import check_dpo_row, check_sft_row
 from data_gen.pipeline import build
+from data_gen.probes import read_probes
 from persllm_jax.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,12 +112,23 @@ def test_build_demo_against_faulty_server(api_key, tmp_path):
         assert "Now it's" in ct["prompt"][0]["content"]
         assert m["annotator"] == {"backend": "openai", "model": "fake-annotator", "base_url": srv.url}
         assert "planned" in lines[-1] or "persona" in lines[-1]
-        # a rerun sends no request and writes the same corpus
+        # point-in-time probes written by the annotator (auto builder for openai:), and the premise controls
+        probe_stats, probe_rows = m["probes"], read_probes(out / "probes.jsonl")
+        assert probe_stats["builder"] == "annotator" and probe_stats["n"] == len(probe_rows) > 0
+        assert sum(probe_stats["rejected_by_reason"].values()) < probe_stats["n"] / 4  # a few unparsable replies
+        assert "annotator_failed" not in probe_stats["rejected_by_reason"]
+        assert {r["origin"] for r in probe_rows} == {"llm:fake-annotator"}
+        controls = read_probes(out / "controls.jsonl")
+        error_ids = {r["id"] for r in test if r["type"] == "error"}
+        assert len(controls) == 2 * len(error_ids) and {r["error_id"] for r in controls} == error_ids
+        # a rerun sends no request and writes the same corpus (probes included: their replies come from the cache)
         before = outputs(out)
+        probes_before = (out / "probes.jsonl").read_text(encoding="utf-8")
         n_log = len(srv.log)
         m2 = build(str(DEMO), str(out), "openai:fake-annotator", cfg, base_url=srv.url, progress=False, echo=lambda s: None)
         assert len(srv.log) == n_log and m2["requests"].get("sent", 0) == 0
         assert outputs(out) == before and m2["totals"] == m["totals"]
+        assert (out / "probes.jsonl").read_text(encoding="utf-8") == probes_before
         assert [r["requests"].get("sent", 0) for r in m2["runs"]] == [m["requests"]["sent"], 0]
     assert_no_key(out)
     manifest_text = (out / "manifest.json").read_text()

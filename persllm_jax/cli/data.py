@@ -1,4 +1,4 @@
-"""`persllm data ...`: build persona corpora."""
+"""`persllm data ...`: build persona corpora, point-in-time probes, check a corpus."""
 
 from __future__ import annotations
 
@@ -53,6 +53,66 @@ def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cac
     problem = failure_message(m)
     if problem:
         click.echo(f"error: {problem}", err=True)
+        sys.exit(3)
+
+
+@data.command("probes")
+@click.option("--personas", "personas_dir", type=click.Path(file_okay=False),
+              help="Folder of persona folders (or one persona folder).")
+@click.option("--timechara", "timechara", type=click.Path(dir_okay=False),
+              help="Instead: convert a TimeChara JSON/JSONL file to our probe schema.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="probes.jsonl to write.")
+@click.option("--annotator", default=None, help="Write the probes with this annotator (openai:MODEL or local:PATH); "
+              "default: the offline rule builder.")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Annotator response cache (default: next to --out, probes_cache/).")
+@click.option("--max-per-cell", default=5, show_default=True, type=click.IntRange(1),
+              help="Probes per persona, kind, asked stage and fact stage.")
+@click.option("--max-future-per-cell", default=15, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+def probes_cmd(personas_dir, timechara, out_file, annotator, base_url, cache_dir, max_per_cell, max_future_per_cell,
+               seed):
+    """Point-in-time probes (future, past-absence, past-presence, past-only) from persona folders.
+
+    The schema of probes.jsonl: data_gen/README.md. Exits 2 on bad input, 3 when annotator requests failed
+    after all retries (rerun to retry them).
+    """
+    from pathlib import Path
+
+    from data_gen import probes
+    from persllm_jax.io import write_jsonl
+
+    if not personas_dir and not timechara:
+        raise click.UsageError("give --personas DIR (or --timechara FILE)")
+    rejected = []
+    try:
+        if timechara:
+            from data_gen.timechara import read_timechara
+
+            rows = read_timechara(timechara)
+        else:
+            backend = None
+            if annotator:
+                from data_gen.backends import make_backend
+                from data_gen.config import DEFAULTS
+
+                cache = Path(cache_dir) if cache_dir else Path(out_file).parent / "probes_cache"
+                backend = make_backend(annotator, base_url, DEFAULTS["annotator"], cache)
+            rows, rejected = probes.build_probes(personas_dir, "annotator" if annotator else "rules", backend,
+                                                 max_per_cell, seed, max_future_per_cell)
+        write_jsonl(out_file, rows)
+    except PersllmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    for persona, kinds in probes.summary(rows).items():
+        click.echo(f"{persona}: {sum(kinds.values())} probes ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+    if rejected:
+        click.echo(f"rejected: {len(rejected)} ({', '.join(sorted({r['reason'] for r in rejected}))})", err=True)
+    click.echo(f"wrote {len(rows)} probes to {out_file}")
+    if any(r["reason"] == "annotator_failed" for r in rejected):
+        click.echo("error: some annotator requests failed after all retries; rerun the same command to retry them "
+                   "(answered requests come from the cache)", err=True)
         sys.exit(3)
 
 

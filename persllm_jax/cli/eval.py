@@ -23,9 +23,13 @@ from persllm_jax.settings import PRINT_CONFIG_HELP
 @click.option("--personas", "personas", type=click.Path(), default=None,
               help="Persona folders (persona.yaml, subjective/ texts) for the base prompt and style similarity.")
 @click.option("--no-base", is_flag=True, help="Do not evaluate the base model with a persona prompt.")
+@click.option("--probes", "probes", multiple=True, type=click.Path(dir_okay=False),
+              help="Point-in-time probe file (ours or TimeChara JSON/JSONL; repeatable). Default: the corpus's "
+                   "probes.jsonl and controls.jsonl.")
 @click.pass_context
-def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, sets, print_config, personas, no_base):
-    """Distinction (BLEU), precision and anti-induction (LLM judge), Big Five (option likelihood), style, report.
+def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, sets, print_config, personas, no_base, probes):
+    """Distinction (BLEU), precision and anti-induction (LLM judge), Big Five (option likelihood), style,
+    point-in-time consistency (probes: judge-free likelihoods, judged with --judge), report.
 
     Several systems (base with a persona prompt, each --run) are evaluated on the same items and reported side by side.
     The config keys (answers per item, sampling, Big Five, style, judge settings) and their defaults:
@@ -43,7 +47,7 @@ def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, sets, print_c
     if not data or not out:
         raise click.UsageError("--data and --out are required")
     evaluate(model, list(runs), data, out, judge=judge, base_url=base_url, config=config, personas_dir=personas,
-             with_base=not no_base, sets=sets)
+             with_base=not no_base, sets=sets, probes=list(probes))
 
 
 @eval_cmd.command("compare")

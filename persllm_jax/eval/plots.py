@@ -1,5 +1,5 @@
 """Every figure of the eval report, as PNG files: Big Five radar, grouped bars (distinction, precision), training
-curves, human ratings. matplotlib is imported on first use, headless (Agg)."""
+curves, human ratings, point-in-time consistency. matplotlib is imported on first use, headless (Agg)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,48 @@ def bars(groups: dict[str, dict[str, float | None]], title: str, ylabel: str, pa
         ax.set_ylim(*ylim)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def timeline(systems: dict, kinds: list[str], path: Path) -> None:
+    """Point-in-time consistency: judge-free accuracy per kind (one bar per system), then each system's leakage
+    matrix (share of probes where it claims to know the fact, stage asked x stage of the fact)."""
+    plt = pyplot()
+    names = list(systems)
+    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.6 + 3.0 * len(names), 3.6), squeeze=False)
+    ax = axes[0][0]
+    w = 0.8 / max(1, len(names))
+    x = np.arange(len(kinds))
+    for i, n in enumerate(names):
+        vals = [(systems[n]["free"]["per_kind"].get(k) or {}).get("accuracy") for k in kinds]
+        ax.bar(x + i * w - 0.4 + w / 2, [0 if v is None else v for v in vals], w, label=n)
+    ax.set_xticks(x)
+    ax.set_xticklabels(kinds, fontsize=7, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("judge-free accuracy")
+    ax.legend(fontsize=7)
+    for ax, n in zip(axes[0][1:], names):
+        lk = systems[n]["free"]["leakage"]
+        st = lk["stages"][:12]
+        m = np.full((len(st), len(st)), np.nan)
+        for i, a in enumerate(st):
+            for j, f in enumerate(st):
+                if f in lk["cells"].get(a, {}):
+                    m[i, j] = lk["cells"][a][f]["claims"]
+        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(st)))
+        ax.set_xticklabels(st, fontsize=7)
+        ax.set_yticks(range(len(st)))
+        ax.set_yticklabels(st, fontsize=7)
+        for i in range(len(st)):
+            for j in range(len(st)):
+                if not np.isnan(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if m[i, j] < 0.5 else "k")
+        ax.set_xlabel("stage of the fact")
+        ax.set_ylabel("stage asked")
+        ax.set_title(f"claims to know: {n}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

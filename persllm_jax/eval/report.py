@@ -1,13 +1,15 @@
 """report.md and PNG plots from results.json: Big Five radar per persona and stage, the distinction table,
-precision bars, anti-induction and style, training curves from each run's metrics.jsonl. Several systems (base
-with a persona prompt, SFT, SFT+DPO) appear side by side, as the paper presents its results."""
+precision bars, anti-induction and style, point-in-time consistency (per kind, leakage matrix, premise
+calibration), training curves from each run's metrics.jsonl. Several systems (base with a persona prompt, SFT,
+SFT+DPO) appear side by side, as the paper presents its results."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from data_gen.probes import TIME_KINDS
 from persllm_jax.eval import human
-from persllm_jax.eval.plots import bars, radar, training_curves
+from persllm_jax.eval.plots import bars, radar, timeline, training_curves
 from persllm_jax.io import atomic_write_text
 
 
@@ -43,7 +45,11 @@ def write(results: dict, out: Path) -> list[str]:
             ("Big Five distinction: mean L2 between personas",
              lambda s: ((s.get("bigfive") or {}).get("summary") or {}).get("distinction_mean_l2")),
             ("style cosine to own words", lambda s: (s.get("style") or {}).get("own_mean")),
-            ("style own − other personas", lambda s: (s.get("style") or {}).get("own_minus_other_mean"))]
+            ("style own − other personas", lambda s: (s.get("style") or {}).get("own_minus_other_mean")),
+            ("point-in-time accuracy, judge-free", lambda s: s["timeline"]["free"]["overall"]["accuracy"]),
+            ("point-in-time future accuracy, judge-free",
+             lambda s: s["timeline"]["free"]["per_kind"]["future"]["accuracy"]),
+            ("premise calibration (refute vs over-refusal)", lambda s: s["timeline"]["free"]["premise"]["calibration"])]
     for label, value_of in rows:
         vals = []
         for n in names:
@@ -146,6 +152,10 @@ def write(results: dict, out: Path) -> list[str]:
     elif results.get("notes", {}).get("style"):
         md.append(f"\nStyle similarity skipped: {results['notes']['style']}\n")
 
+    timeline_md, timeline_pngs = timeline_section(results, out)
+    md += timeline_md
+    pngs += timeline_pngs
+
     runs = {n: systems[n]["run_dir"] for n in names if systems[n].get("run_dir")}
     if runs and training_curves(runs, out / "training_curves.png"):
         pngs.append("training_curves.png")
@@ -163,6 +173,73 @@ def write(results: dict, out: Path) -> list[str]:
                       f"A: {a['text'][:300]!r}")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return pngs
+
+
+def _accuracy_cell(acc: dict | None) -> str:
+    """"0.75 [0.50, 1.00] (n=8)": accuracy, its bootstrap interval and the number of probes."""
+    if not acc or acc["accuracy"] is None:
+        return "–"
+    lo, hi = acc["ci95"] or (None, None)
+    return f"{acc['accuracy']:.2f} [{_fmt(lo)}, {_fmt(hi)}] (n={acc['n']})"
+
+
+def timeline_section(results: dict, out: Path) -> tuple[list[str], list[str]]:
+    """Markdown lines and PNG names of "Point-in-time consistency" (eval/timeline.py's results)."""
+    systems = {n: s["timeline"] for n, s in results["systems"].items() if s.get("timeline")}
+    if not systems:
+        return [], []
+    tl = results.get("timeline") or {}
+    kinds = list(TIME_KINDS)
+    md = ["\n## Point-in-time consistency (TimeChara kinds)\n",
+          "Probe sets: " + "; ".join(f"`{s['path']}` ({s['format']}, {s['n']} probes, "
+                                     f"{', '.join(f'{k} {v}' for k, v in s['origins'].items())})"
+                                     for s in tl.get("sources", [])) + ".\n",
+          "Judge-free: a probe is right when the model's log-likelihood (mean per token) of the consistent answer, "
+          "under the asked stage's system message, beats every inconsistent one. Bracketed: 95% bootstrap interval.\n",
+          "| system | " + " | ".join(kinds) + " | all |", "|---|" + "---|" * (len(kinds) + 1)]
+    for n, t in systems.items():
+        pk = t["free"]["per_kind"]
+        md.append(f"| {n} | " + " | ".join(_accuracy_cell(pk.get(k)) for k in kinds) +
+                  f" | {_accuracy_cell(t['free']['overall'])} |")
+    if any(t.get("judged") for t in systems.values()):
+        md += ["", "Judged (the free answer, judged 0/1 for spatiotemporal consistency; TimeChara's protocol):\n",
+               "| system | " + " | ".join(kinds) + " | all | unparsable | failed |", "|---|" + "---|" * (len(kinds) + 3)]
+        for n, t in systems.items():
+            j = t.get("judged")
+            if not j:
+                continue
+            md.append(f"| {n} | " + " | ".join(f"{_fmt(j['per_kind'].get(k, {}).get('accuracy'))} (n={j['per_kind'].get(k, {}).get('n', 0)})"
+                                              for k in kinds) +
+                      f" | {_fmt(j['overall']['accuracy'])} | {j['unparsable']} | {j['failed']} |")
+    md += ["", "Leakage matrix (judge-free, knowledge probes): share of probes where the model claims to know the "
+           "fact, by stage asked (rows) and stage of the fact (columns). Consistent: 1 on and below the diagonal, "
+           "0 above it.\n"]
+    for n, t in systems.items():
+        lk = t["free"]["leakage"]
+        st = lk["stages"]
+        if not st or len(st) > 12:
+            md.append(f"- {n}: {'no knowledge probes' if not st else f'{len(st)} stages, see results.json'}")
+            continue
+        md += [f"**{n}**\n", "| asked \\ fact | " + " | ".join(st) + " |", "|---|" + "---|" * len(st)]
+        for a in st:
+            row = lk["cells"].get(a, {})
+            md.append(f"| {a} | " + " | ".join(f"{row[f]['claims']:.2f} (n={row[f]['n']})" if f in row else "–"
+                                                for f in st) + " |")
+        md.append("")
+    pr = {n: t["free"]["premise"] for n, t in systems.items()}
+    if any(p["n_control"] or p["n_error"] for p in pr.values()):
+        md += ["Premise calibration (judge-free): refute rate on false-premise `error` items, over-refusal on their "
+               "matched true-premise controls; calibration = (refute + 1 − over-refusal) / 2.\n",
+               "| system | refute rate (n) | over-refusal (n) | calibration | judged refute | judged over-refusal |",
+               "|---|---|---|---|---|---|"]
+        for n, p in pr.items():
+            jp = (systems[n].get("judged") or {}).get("premise") or {}
+            md.append(f"| {n} | {_fmt(p['refute_rate'])} ({p['n_error']}) | {_fmt(p['over_refusal_rate'])} "
+                      f"({p['n_control']}) | {_fmt(p['calibration'])} | {_fmt(jp.get('refute_rate'))} | "
+                      f"{_fmt(jp.get('over_refusal_rate'))} |")
+    timeline(systems, kinds, out / "timeline.png")
+    md.append("\n![point-in-time consistency](timeline.png)\n")
+    return md, ["timeline.png"]
 
 
 def safe_name(name: str) -> str:

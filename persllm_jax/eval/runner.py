@@ -8,8 +8,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from persllm_jax.eval import EvalError
 from persllm_jax.eval.corpus import prompt_of, response_part
 from persllm_jax.io import read_yaml
@@ -144,34 +142,8 @@ def option_token_ids(tokenizer) -> list[int]:
 
 def option_logprobs_fn(gen, batch_size: int = 16, progress=None):
     """fn(list of message lists) -> [N, 5] log-probabilities of the digits 1..5 as the first answer token."""
-    import jax
-    import jax.numpy as jnp
+    from persllm_jax.serve.scoring import next_token_logprobs
 
-    from persllm_jax.serve.engine import _prefill
-
-    opt = np.array(option_token_ids(gen.tokenizer))
-
-    def fn(conversations):
-        prompts = [gen.encode_chat(m) for m in conversations]
-        out = np.zeros((len(prompts), 5), np.float64)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            B = 1 << max(0, (len(idx) - 1).bit_length())
-            P = -(-max(len(prompts[i]) for i in idx) // 32) * 32
-            tokens = np.full((B, P), gen.pad_id, np.int32)
-            seg = np.zeros((B, P), np.int32)
-            for r, i in enumerate(idx):
-                tokens[r, P - len(prompts[i]):] = prompts[i]
-                seg[r, P - len(prompts[i]):] = 1
-            seg[len(idx):, -1] = 1  # filler rows: one real token, so no row is all padding
-            pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
-            logits, _ = _prefill(gen.params, gen.lora, gen.lora_scale, jnp.asarray(tokens), jnp.asarray(pos),
-                                 jnp.asarray(seg), cfg=gen.cfg, dtype=gen.dtype, capacity=P)
-            lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
-            out[idx] = lp[: len(idx)][:, opt]
-            if progress:
-                progress(len(idx))
-        return out
-
-    return fn
+    options = option_token_ids(gen.tokenizer)
+    return lambda conversations: next_token_logprobs(gen, [gen.encode_chat(m) for m in conversations], options,
+                                                     batch_size, progress)

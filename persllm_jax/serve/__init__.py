@@ -2,6 +2,7 @@
 terminal chat and the multi-agent simulation.
 
     engine       KV-cache generation (batched, per-row sampling, stop strings, streaming)
+    scoring      likelihoods under the engine: continuation log-probs (answers), next-token log-probs (options)
     personas     loading a base model or a trained run as a Generator; persona stages and their system prompts;
                  [Analysis]/[Response] splitting; streaming deltas
     scheduler    the one generation thread of a server: batches concurrent requests for the same model
