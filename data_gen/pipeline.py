@@ -237,6 +237,7 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
         except ValueError:
             previous = []
     manifest["probes"] = probe_stats
+    manifest["complete"] = failure_message(manifest) is None
     manifest["runs"] = previous + [{"created": manifest["created"], "requests": manifest["requests"],
                                     "total_s": manifest["timings_s"]["total"]}]
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -285,8 +286,7 @@ def _manifest(ctx, items, rejected, train, test, pairs, dpo_missing, n_general, 
         "dpo_not_paired": dpo_missing,
         "requests": dict(sorted(ctx.backend.stats.items())),
         "annotator_errors": dict(ctx.backend.last_error),  # endpoint -> why its last failed request failed
-        # incomplete: some requests failed after every retry (a rerun retries them) or nothing was kept
-        "complete": failed_requests(reasons) == 0 and len(train) > 0,
+        "complete": None,  # set by build: False when requests failed after every retry, or nothing was kept
         "timings_s": {**timings, "total": round(total, 3)},
     }
 
