@@ -13,6 +13,7 @@ from chat_fixtures import WORDS, tiny_model_dir, write_corpus
 from click.testing import CliRunner
 
 from persllm_jax.cli import main
+from persllm_jax.model import decoder
 from persllm_jax.model import lora
 from persllm_jax.model.weights import load_model, load_tokenizer
 from persllm_jax.train import dpo, dpo_data
@@ -79,7 +80,7 @@ def test_shared_prompt_rows_equal_separate_sequences(tiny):
     for p in pairs:
         for ids, k, nk in ((p.chosen, 0, 2), (p.rejected, 1, 3)):
             seq = np.concatenate([p.prompt, ids])[None]
-            logits = sft.logits_from_hidden(loaded.params, sft.hidden_states(
+            logits = decoder.logits_from_hidden(loaded.params, decoder.hidden_states(
                 loaded.params, loaded.cfg, seq, np.arange(seq.shape[1])[None], np.ones_like(seq), lora=ad,
                 lora_scale=2.0))
             lp = jax.nn.log_softmax(logits[0, len(p.prompt) - 1:-1], axis=-1)

@@ -192,7 +192,7 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path):
 
     f.write_text(good + "\n" + '{"messages": [}\n')
     line = _one_error_line(_cli(base + ["--out", str(tmp_path / "r1")]))
-    assert f"{f}:2:15: invalid JSON" in line
+    assert f"{f}:2:15: invalid JSON" in line  # file:line:column (persllm_jax/io.py)
     f.write_text("")
     assert "empty corpus" in _one_error_line(_cli(base + ["--out", str(tmp_path / "r2")]))
     f.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")

@@ -1,14 +1,16 @@
 """Benchmark: our DPO vs TRL `DPOTrainer` + PEFT, same weights, pairs and LoRA settings, both on the CPU, one run.
 
     python tools/bench_dpo.py [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--precompute] [--skip-trl]
+    python tools/bench_dpo.py --long [...]   # long pairs (documents up to ~1500 tokens), rows of 2048
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; TRL gets the same fp32 weights as a transformers model through
 bench_train.torch_model_from_ours). LoRA r=16, alpha=32, dropout 0, all seven linear layers; AdamW lr 5e-5; sigmoid
 loss, beta 0.1; reference = the base with the adapter off on both sides (online, unless --precompute, which turns on
 our `precompute_ref` and TRL's `precompute_ref_log_probs` alike); fp32 (TRL's bf16 autocast default turned off).
 Data: persona-style pairs (system prompt with persona, year and material; user question; chosen and rejected
-[Analysis]/[Response] answers), prompts of ~60-300 tokens and answers of ~20-250 tokens, tokenised identically
-on both sides (TRL's prompt/completion split).
+[Analysis]/[Response] answers), prompts of ~60-300 tokens and answers of ~20-250 tokens (`--long`: prompts of
+~100-600 and answers of ~60-500 tokens, max_length 2048), tokenised identically on both sides (TRL's
+prompt/completion split).
 
 Each side runs in its own subprocess for one epoch; the first step (compilation / warm-up) is left out of timing.
     useful tokens/s = Σ over timed steps of (prompt + chosen + rejected tokens of each pair, the prompt once,
@@ -52,20 +54,21 @@ def _answer(rng: random.Random, name: str, topic: str, n_sent: int) -> str:
     return " ".join(text)
 
 
-def make_pairs(n: int, seed: int = 0) -> list[dict]:
+def make_pairs(n: int, seed: int = 0, long: bool = False) -> list[dict]:
     """Persona-style DPO rows (design note format) with prompt and answer lengths spread out."""
     rng = random.Random(seed)
+    n_mat, n_sent = ((4, 30), (4, 24)) if long else ((1, 14), (1, 12))
     rows = []
     for i in range(n):
         name, year = PERSONAS[i % len(PERSONAS)]
         other, other_year = PERSONAS[(i + 1) % len(PERSONAS)]
         topic = rng.choice(TOPICS)
-        material = " ".join(rng.choice(MATERIALS).format(t=rng.choice(TOPICS)) for _ in range(rng.randint(1, 14)))
+        material = " ".join(rng.choice(MATERIALS).format(t=rng.choice(TOPICS)) for _ in range(rng.randint(*n_mat)))
         prompt = [{"role": "system", "content": f"Now it's {year}. You are {name}. Stay in character. {material}"},
                   {"role": "user", "content": f"What do you really think about {topic}?"}]
         rows.append({"id": f"b{i}", "persona": name, "stage": year, "source": "cross_persona", "prompt": prompt,
-                     "chosen": [{"role": "assistant", "content": _answer(rng, name, topic, rng.randint(1, 12))}],
-                     "rejected": [{"role": "assistant", "content": _answer(rng, other, topic, rng.randint(1, 12))}]})
+                     "chosen": [{"role": "assistant", "content": _answer(rng, name, topic, rng.randint(*n_sent))}],
+                     "rejected": [{"role": "assistant", "content": _answer(rng, other, topic, rng.randint(*n_sent))}]})
     return rows
 
 
@@ -150,7 +153,7 @@ def _child(args):
 def _spawn(side: str, args, tmp: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--tmp", str(tmp), "--n", str(args.n),
            "--rows", str(args.rows), "--accum", str(args.accum), "--trl-batch", str(args.trl_batch), "--max-length", str(args.max_length),
-           "--peak", str(args.peak)] + (["--precompute"] if args.precompute else [])
+           "--peak", str(args.peak)] + (["--precompute"] if args.precompute else []) + (["--long"] if args.long else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -166,13 +169,16 @@ def main():
     ap.add_argument("--rows", type=int, default=1, help="our packed rows per micro-step")
     ap.add_argument("--accum", type=int, default=2, help="our micro-steps per optimizer step")
     ap.add_argument("--trl-batch", type=int, default=4, help="TRL pairs per step")
-    ap.add_argument("--max-length", type=int, default=768, help="row length (ours) / max sequence length (TRL)")
+    ap.add_argument("--max-length", type=int, default=0, help="row length (ours) / max sequence length (TRL); "
+                    "default 768, 2048 with --long")
+    ap.add_argument("--long", action="store_true", help="long pairs (persona material and answers run long)")
     ap.add_argument("--precompute", action="store_true", help="reference log-probs precomputed on both sides")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s for MFU (0 = measure a matmul)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.max_length = args.max_length or (2048 if args.long else 768)
     if args.side:
         return _child(args)
     if not args.peak:
@@ -182,7 +188,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as d:
         tmp = Path(d)
         (tmp / "corpus" / "dpo").mkdir(parents=True)
-        rows = make_pairs(args.n)
+        rows = make_pairs(args.n, long=args.long)
         (tmp / "corpus" / "dpo" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"SmolLM2-135M, LoRA r=16 all-linear, {args.n} pairs, fp32, CPU ({os.cpu_count()} cores), reference "
               f"{'precomputed' if args.precompute else 'online'}; peak fp32 matmul {args.peak / 1e9:.1f} GFLOP/s")

@@ -1,21 +1,26 @@
 """Benchmark: our LoRA SFT vs TRL `SFTTrainer` + PEFT, same weights, data and LoRA settings, both on the CPU.
 
-    python tools/bench_train.py [--n 48] [--batch-rows 4] [--trl-batch 8] [--skip-trl]
-    python tools/bench_train.py dpo [...]      # the DPO benchmark (tools/bench_dpo.py)
+    python tools/bench_train.py [--n 48] [--batch-rows 4] [--trl-batch 8] [--dists long,short] [--skip-trl]
+    python tools/bench_train.py --dists long --skip-trl --remat   # ours only, one distribution, remat on
+
+The DPO benchmark is its own script, tools/bench_dpo.py.
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; transformers dequantizes the same file for TRL). LoRA r=16,
 alpha=32, dropout 0, on all seven linear layers; AdamW, lr 1e-4, fp32. Data: a fixed set of persona-style
-conversations (system + user + assistant with [Analysis]/[Response] CoT) whose templated lengths spread over
-64-512 tokens. Loss on the assistant answer only on both sides (TRL: prompt/completion format with
-completion_only_loss). Both run one epoch; the first step (compilation / warm-up) is excluded from timing.
+conversations (system + user + assistant with [Analysis]/[Response] CoT), one table row per length distribution
+(DISTS): `long`, templated lengths spread over 96-1000 tokens in rows of max_length 1024 (persona conversations
+run long), and the earlier `short`, 64-496 tokens in rows of 512. Loss on the assistant answer only on both sides
+(TRL: prompt/completion format with completion_only_loss). Both run one epoch; the first step (compilation /
+warm-up) is excluded from timing. Each side runs in its own subprocess; peak RSS = its ru_maxrss.
 
 Metric: useful tokens per second = non-padding tokens of the conversations processed per second of
-training. Ours packs conversations into rows of 512 with segment ids; TRL runs its default (one conversation
-per row, padded to the longest in the batch).
+training. Ours packs conversations into rows of max_length with segment ids; TRL runs its default (one
+conversation per row, padded to the longest in the batch).
 
 MFU = tokens/s x FLOPs/token / peak, peak = measured fp32 matmul FLOP/s (2048^3, jax, same machine).
 FLOPs/token (LoRA, frozen base) = 4·N + 6·N_lora + 3·A with N = matmul weights of all layers + the vocabulary
-projection, N_lora = adapter params, A = 4·L·H·hd·T (forward attention, T = 512): see train.flops_per_token.
+projection, N_lora = adapter params, A = 4·L·H·hd·T (forward attention, T = max_length): see
+train/sft.flops_per_token.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ TOPICS = ["the library", "house-elves", "Quidditch", "the Triwizard Tournament",
 PHRASES = ["Honestly, I think", "You have to understand that", "When I first read about it,", "It's not that simple;",
            "I remember clearly that", "Of course, the real question is whether", "Frankly,", "To be fair,",
            "What people forget is that", "I'd argue that"]
+DISTS = {"long": {"lo": 96, "hi": 1000, "max_length": 1024}, "short": {"lo": 64, "hi": 496, "max_length": 512}}
 WORDS = ("magic rules friends study careful brave loyal history wand spell castle owl letter teacher exam rights "
          "fair wrong right always never perhaps certainly reason evidence book chapter night storm fire truth "
          "promise danger courage lesson mistake practice patience").split()
@@ -84,10 +90,11 @@ def run_ours(convs, args, tmp: Path):
     corpus = tmp / "corpus"
     (corpus / "sft").mkdir(parents=True, exist_ok=True)
     (corpus / "sft" / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    sets = ["epochs=1", f"batch_size={args.batch_rows}", "max_length=512", "learning_rate=1e-4", "warmup_steps=0",
+    sets = ["epochs=1", f"batch_size={args.batch_rows}", f"max_length={DISTS[args.dist]['max_length']}", "learning_rate=1e-4", "warmup_steps=0",
             "lora.rank=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all-linear", "weight_decay=0",
             f"dtype={args.dtype}", "mesh.data=1", "log_every=100000", f"peak_tflops={args.peak / 1e12}",
-            "shuffle=true", "seed=0"]
+            "shuffle=true", "seed=0"] + ([f"attention={args.attention}"] if args.attention != "auto" else []) \
+        + (["remat=true"] if args.remat else [])
     cfg = load_config(overrides=sets, base={"model": "smollm2", "data": str(corpus)})
     loaded, tok = load_model("smollm2"), load_tokenizer("smollm2")
     t0 = time.perf_counter()
@@ -101,14 +108,14 @@ def run_ours(convs, args, tmp: Path):
             "tokens": out["stats"].tokens, "trained_tokens": out["stats"].trained_tokens}
 
 
-def ours_fpt():
+def ours_fpt(max_length: int):
     from persllm_jax.model.decoder import linear_shapes
     from persllm_jax.model.weights import load_model
     from persllm_jax.train import sft
 
     cfg = load_model("smollm2").cfg
     n_lora = cfg.num_layers * 16 * sum(i + o for i, o in linear_shapes(cfg).values())
-    return sft.flops_per_token(cfg, 512, n_lora)
+    return sft.flops_per_token(cfg, max_length, n_lora)
 
 
 def torch_model_from_ours(spec: str = "smollm2"):
@@ -161,7 +168,7 @@ def run_trl(convs, args, tmp: Path):
     cfg = SFTConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=args.trl_batch,
                     gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
-                    max_length=512, packing=False, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
+                    max_length=DISTS[args.dist]["max_length"], packing=False, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
                     gradient_checkpointing=False,
                     seed=0, dataloader_num_workers=0, disable_tqdm=True)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -199,7 +206,8 @@ def run_side(args) -> dict:
 
     from persllm_jax.model.weights import load_tokenizer
 
-    convs = make_conversations(load_tokenizer("smollm2"), args.n)
+    d = DISTS[args.dist]
+    convs = make_conversations(load_tokenizer("smollm2"), args.n, lo=d["lo"], hi=d["hi"])
     with tempfile.TemporaryDirectory() as d:
         res = run_ours(convs, args, Path(d)) if args.side == "ours" else run_trl(convs, args, Path(d))
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -209,11 +217,15 @@ def run_side(args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=48, help="conversations (one epoch each side)")
-    ap.add_argument("--batch-rows", type=int, default=4, help="our packed rows of 512 tokens per step")
+    ap.add_argument("--batch-rows", type=int, default=4, help="our packed rows of max_length tokens per step")
     ap.add_argument("--trl-batch", type=int, default=8, help="TRL conversations per step")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dists", default="long,short", help=f"length distributions, table rows ({', '.join(DISTS)})")
+    ap.add_argument("--attention", default="auto", help="our attention implementation (config key `attention`)")
+    ap.add_argument("--remat", action="store_true", help="ours with remat=true (recompute layers in the backward)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--dist", default="short", choices=list(DISTS), help=argparse.SUPPRESS)  # internal: the side's
     ap.add_argument("--side", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)  # internal
     ap.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)  # internal: measured once
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -229,32 +241,44 @@ def main():
 
     args.peak = measure_peak_flops()
     tok = load_tokenizer("smollm2")
-    lens = sorted(n_tokens(tok, c) for c in make_conversations(tok, args.n))
-    print(f"data: {len(lens)} conversations, templated lengths {lens[0]}..{lens[-1]} (median {lens[len(lens) // 2]}),"
-          f" {sum(lens)} tokens; measured matmul peak {args.peak / 1e9:.1f} GFLOP/s; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    res = {"peak_flops": args.peak, "lengths": [lens[0], lens[-1]], "fpt": ours_fpt()}
+    print(f"measured matmul peak {args.peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores", flush=True)
+    res = {"peak_flops": args.peak}
     sides = [s for s, skip in (("ours", args.skip_ours), ("trl", args.skip_trl)) if not skip]
-    with tempfile.TemporaryDirectory() as d:
+    for dist in args.dists.split(","):
+        d = DISTS[dist]
+        lens = sorted(n_tokens(tok, c) for c in make_conversations(tok, args.n, lo=d["lo"], hi=d["hi"]))
+        print(f"[{dist}] {len(lens)} conversations, templated lengths {lens[0]}..{lens[-1]} (median "
+              f"{lens[len(lens) // 2]}), {sum(lens)} tokens, max_length {d['max_length']}", flush=True)
+        r_d = res[dist] = {"lengths": [lens[0], lens[-1]], "fpt": ours_fpt(d["max_length"])}
+        with tempfile.TemporaryDirectory() as tmp:
+            for side in sides:
+                out = Path(tmp) / f"{side}.json"
+                argv = [sys.executable, __file__, "--side", side, "--json", str(out), "--peak", str(args.peak),
+                        "--n", str(args.n), "--batch-rows", str(args.batch_rows), "--trl-batch", str(args.trl_batch),
+                        "--dtype", args.dtype, "--dist", dist, "--attention", args.attention] + (["--remat"] if args.remat else [])
+                subprocess.run(argv, check=True)
+                r_d[side] = r = json.loads(out.read_text())
+                r["mfu"] = r["tokens_per_s"] * r_d["fpt"] / args.peak
+                print(f"  {side}: " + json.dumps(r), flush=True)
+        if "ours" in r_d and "trl" in r_d:
+            r_d["ratio"] = r_d["ours"]["tokens_per_s"] / r_d["trl"]["tokens_per_s"]
+            r_d["ratio_cpu"] = r_d["ours"]["tokens_per_cpu_s"] / r_d["trl"]["tokens_per_cpu_s"]
+            r_d["rss_ratio"] = r_d["ours"]["peak_rss_mb"] / r_d["trl"]["peak_rss_mb"]
+    print(f"\n{'data':8}{'side':6}{'tok/s':>9}{'tok/CPU-s':>11}{'MFU':>7}{'peak RSS MB':>13}{'loss':>8}"
+          f"{'x TRL tok/s':>13}{'x TRL CPU-s':>13}{'RSS/TRL':>9}")
+    for dist in args.dists.split(","):
+        r_d = res[dist]
         for side in sides:
-            out = Path(d) / f"{side}.json"
-            argv = [sys.executable, __file__, "--side", side, "--json", str(out), "--peak", str(args.peak),
-                    "--n", str(args.n), "--batch-rows", str(args.batch_rows), "--trl-batch", str(args.trl_batch),
-                    "--dtype", args.dtype]
-            subprocess.run(argv, check=True)
-            res[side] = r = json.loads(out.read_text())
-            mfu = r["tokens_per_s"] * res["fpt"] / args.peak
-            name = "ours" if side == "ours" else "TRL SFTTrainer + PEFT"
-            print(f"{name}: {r['tokens_per_s']:.1f} useful tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU-second), "
-                  f"{r['steps']} steps, MFU {100 * mfu:.1f}%, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                  f"loss {r['final_loss']:.4f}", flush=True)
-    if "ours" in res and "trl" in res:
-        res["ratio"] = res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
-        res["ratio_cpu"] = res["ours"]["tokens_per_cpu_s"] / res["trl"]["tokens_per_cpu_s"]
-        print(f"ratio ours / TRL, useful tokens per second: {res['ratio']:.2f}x wall-clock, {res['ratio_cpu']:.2f}x "
-              f"per CPU-second (target >= 2x; the CPU-second ratio is the one to trust on a shared machine)")
-    print(f"FLOPs/token = 4*N + 6*N_lora + 3*A = {res['fpt'] / 1e9:.3f} GFLOP; N = layer matmul weights + vocab "
-          "projection, A = 4*L*H*hd*T (T=512); MFU = tokens/s * FLOPs/token / measured matmul peak")
+            r = r_d[side]
+            extra = (f"{r_d['ratio']:>13.2f}{r_d['ratio_cpu']:>13.2f}{r_d['rss_ratio']:>9.2f}"
+                     if side == "ours" and "ratio" in r_d else "")
+            print(f"{dist:8}{side:6}{r['tokens_per_s']:>9.1f}{r['tokens_per_cpu_s']:>11.1f}{100 * r['mfu']:>6.1f}%"
+                  f"{r['peak_rss_mb']:>13.0f}{r['final_loss']:>8.4f}{extra}")
+    print("targets: >= 2x TRL useful tok/s, peak RSS <= TRL's; the CPU-second ratio is the one to trust on a shared "
+          "machine")
+    print("FLOPs/token = 4*N + 6*N_lora + 3*A; N = layer matmul weights + vocab projection, A = 4*L*H*hd*T "
+          "(T = max_length); MFU = tokens/s * FLOPs/token / measured fp32 matmul peak")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -2,6 +2,8 @@
 
     config.py    ModelConfig, read from a Hugging Face config.json
     decoder.py   the decoder (init, forward, KV-cache forward), pure functions over a params pytree
+    attention.py which training attention runs (flash, cuDNN, splash, reference): the `attention` config key
+    flash_attention.py  flash attention in plain JAX (online softmax, recomputing backward), any backend
     lora.py      LoRA as a separate pytree beside the frozen base
     shapes.py    named public shapes (`shape:llama-8b`) to plan without weights
     weights.py   weights in: HF safetensors directories and GGUF files
@@ -13,7 +15,7 @@ moved to `persllm_jax.model.decoder`).
 """
 
 
-_SUBMODULES = ("config", "decoder", "lora", "shapes", "weights")
+_SUBMODULES = ("attention", "config", "decoder", "flash_attention", "lora", "shapes", "weights")
 
 
 def __getattr__(name):  # the pre-0.2 import path `persllm_jax.model.forward` etc.

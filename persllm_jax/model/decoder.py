@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from persllm_jax.model.attention import Kernel, Segments
+from persllm_jax.model.attention import resolve as resolve_attention
 from persllm_jax.model.config import ModelConfig, rope_inv_freq
 
 Params = dict[str, Any]
@@ -151,7 +153,11 @@ def _attend(q, k, v, mask, cfg: ModelConfig, dtype, block: int = 0, heads_major:
     matmuls, with one transpose in and one out. With `block` (training, keys = queries), queries run in blocks
     of `block` rows and each block only meets the keys up to its own end: later keys are masked by the causal
     slot order anyway, so this is exact and skips about half of the score FLOPs (measured 1.8x faster on CPU,
-    and this layout another 1.25x over einsums on the [B, T, H, hd] layout)."""
+    and this layout another 1.25x over einsums on the [B, T, H, hd] layout).
+
+    `mask` may instead be an `attention.Kernel` (flash, cuDNN or splash, which never keep the [T, S] scores)."""
+    if isinstance(mask, Kernel):
+        return mask(q, k, v, cfg, BATCH_AXES)
     B, T = q.shape[:2]
     kv_heads, groups, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     qh = q.reshape(B, T, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
@@ -207,14 +213,20 @@ def hidden_states(
     dtype=jnp.float32,
     remat: bool = False,
     branch: jax.Array | None = None,
+    attention: str = "auto",
 ) -> jax.Array:
     """Final-normed hidden states [B, T, D] for a full sequence (training / scoring; no cache). `branch` [B, T]
-    marks DPO's shared-prompt rows (0 = prompt, 1 = chosen, 2 = rejected; see attention_mask)."""
+    marks DPO's shared-prompt rows (0 = prompt, 1 = chosen, 2 = rejected; see attention_mask). `attention`:
+    auto | flash | splash | cudnn | reference (model/attention.py)."""
     T = tokens.shape[1]
     h = constrain_batch(params["embed_tokens"][tokens].astype(jnp.float32))  # batch-sharded in a sharded step
     cos, sin = rope_cos_sin(cfg, positions)
-    mask = attention_mask(segment_ids, jnp.arange(T), positions, segment_ids, positions, cfg.sliding_window,
-                          branch, branch)
+    impl = resolve_attention(attention, cfg, dtype, T, branches=branch is not None)
+    if impl == "reference":
+        mask = attention_mask(segment_ids, jnp.arange(T), positions, segment_ids, positions, cfg.sliding_window,
+                              branch, branch)
+    else:
+        mask = Kernel(impl, Segments(segment_ids, positions, branch))  # the same mask, built block by block
     kv_fn = lambda k, v: (k, v, mask, False)
 
     def body(h, xs):
@@ -228,10 +240,14 @@ def hidden_states(
     return rms_norm(h, params["norm"], cfg.rms_norm_eps, dtype)
 
 
+def vocab_projection(params: Params) -> jax.Array:
+    """[D, V]: the lm_head kernel, or the tied embeddings transposed."""
+    return params["lm_head"]["kernel"] if "lm_head" in params else params["embed_tokens"].T
+
+
 def logits_from_hidden(params: Params, h: jax.Array) -> jax.Array:
     """fp32 logits: the vocabulary projection (tied or not) accumulated in fp32."""
-    w = params["lm_head"]["kernel"] if "lm_head" in params else params["embed_tokens"].T
-    return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.dot(h, vocab_projection(params).astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def forward(params, cfg, tokens, positions, segment_ids, **kw) -> jax.Array:

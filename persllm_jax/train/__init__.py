@@ -3,6 +3,7 @@
     config.py       TrainConfig / DPOConfig schemas (loaded by persllm_jax.settings)
     data.py         SFT rows -> tokens with assistant masks -> packed rows
     sft.py          the pure SFT train step, optimizer, state init, FLOPs per token
+    loss.py         chunked token log-probs (no [T, V] logits), SFT's trained-position gather
     dpo_data.py     preference pairs -> shared-prompt packed rows
     dpo.py          the DPO losses and step, the reference, precomputed reference log-probs
     loop.py         the loop SFT and DPO share: resume, metrics, checkpoints

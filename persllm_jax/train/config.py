@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master weights and loss stay fp32)
     remat: bool = False
+    attention: str = "auto"  # auto | flash | splash | cudnn | reference (persllm_jax/model/attention.py)
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -66,6 +67,7 @@ class TrainConfig:
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+ATTENTION_IMPLS = ("auto", "flash", "splash", "cudnn", "reference")  # as model/attention.IMPLS (no JAX import here)
 
 
 @dataclass
@@ -98,14 +100,15 @@ def validate(cfg) -> None:
         ("warmup_steps", cfg.warmup_steps >= 0), ("save_every", cfg.save_every >= 0), ("log_every", cfg.log_every >= 1),
         ("keep_checkpoints", cfg.keep_checkpoints >= 1), ("dtype", cfg.dtype in ("float32", "bfloat16")),
         ("lora.rank", cfg.lora.rank >= 1), ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0),
-        ("min_lr_ratio", 0.0 <= cfg.min_lr_ratio <= 1.0),
+        ("min_lr_ratio", 0.0 <= cfg.min_lr_ratio <= 1.0), ("attention", cfg.attention in ATTENTION_IMPLS),
     ]
     for key, ok in checks:
         if not ok:
             value = cfg
             for part in key.split("."):
                 value = getattr(value, part)
-            raise ConfigError(f"config: invalid value for {key}: {value!r}")
+            extra = f" (one of {', '.join(ATTENTION_IMPLS)})" if key == "attention" else ""
+            raise ConfigError(f"config: invalid value for {key}: {value!r}{extra}")
     if isinstance(cfg, DPOConfig):
         for key, ok in [("beta", cfg.beta > 0), ("loss_type", cfg.loss_type in LOSS_TYPES),
                         ("label_smoothing", 0.0 <= cfg.label_smoothing < 0.5), ("nll_weight", cfg.nll_weight >= 0)]:

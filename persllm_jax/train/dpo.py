@@ -40,9 +40,10 @@ import optax
 from persllm_jax.io import atomic_replace, jnp_dtype
 from persllm_jax.model import lora as lora_mod
 from persllm_jax.model.config import ModelConfig
-from persllm_jax.model.decoder import hidden_states, linear_shapes, logits_from_hidden
+from persllm_jax.model.decoder import hidden_states, linear_shapes, vocab_projection
 from persllm_jax.runs import load_chain, merged_params
 from persllm_jax.train import distributed, sft
+from persllm_jax.train import loss as loss_mod
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import DPOConfig
 from persllm_jax.train.dpo_data import (
@@ -65,13 +66,11 @@ def sequence_logps(params, mcfg: ModelConfig, batch: dict, **kw):
     h = hidden_states(params, mcfg, batch["tokens"], batch["positions"], batch["segment_ids"],
                       branch=batch["branch"], **kw)
     hs = jnp.take_along_axis(h, batch["comp_src"][..., None], axis=1)  # [B, K, D]: completion positions only
-    logits = logits_from_hidden(params, hs)  # fp32 [B, K, V]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, batch["comp_tgt"][..., None], axis=-1)[..., 0]
+    logp = loss_mod.token_logps(hs, vocab_projection(params), batch["comp_tgt"])  # fp32, chunked over K
     w = batch["comp_w"].astype(jnp.float32)
     n_seq = 2 * batch["pair_id"].shape[1]
     seg_sum = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=n_seq))
-    lp, cnt = seg_sum((picked - logz) * w, batch["comp_seq"]), seg_sum(w, batch["comp_seq"])
+    lp, cnt = seg_sum(logp * w, batch["comp_seq"]), seg_sum(w, batch["comp_seq"])
     return lp[:, 0::2], lp[:, 1::2], cnt[:, 0::2], cnt[:, 1::2]
 
 
@@ -100,15 +99,16 @@ def make_loss(cfg: DPOConfig, mcfg: ModelConfig):
     -> (loss, sums) where `ref` = (ref_chosen, ref_rejected) [B, S] and `sums` are metric numerators."""
     dtype = jnp_dtype(cfg.dtype)
     scale = lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
+    kw = {"dtype": dtype, "remat": cfg.remat, "attention": cfg.attention}
 
     def policy_logps(trainable, frozen, mb, key):
         if cfg.lora.enabled:
             adapter = lora_mod.with_dropout(trainable, key, cfg.lora.dropout)
-            return sequence_logps(frozen, mcfg, mb, lora=adapter, lora_scale=scale, dtype=dtype, remat=cfg.remat)
-        return sequence_logps(trainable, mcfg, mb, dtype=dtype, remat=cfg.remat)
+            return sequence_logps(frozen, mcfg, mb, lora=adapter, lora_scale=scale, **kw)
+        return sequence_logps(trainable, mcfg, mb, **kw)
 
     def ref_logps(frozen, mb):
-        pc, pr, _, _ = sequence_logps(frozen, mcfg, mb, dtype=dtype)
+        pc, pr, _, _ = sequence_logps(frozen, mcfg, mb, dtype=dtype, attention=cfg.attention)
         return jax.lax.stop_gradient(pc), jax.lax.stop_gradient(pr)
 
     def loss_fn(trainable, frozen, mb, ref, key, n_pairs, n_chosen):

@@ -78,13 +78,14 @@ def _saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | N
     except ImportError:  # a private helper: without it the split is not shown
         return None
     dtype, scale = jnp_dtype(cfg.dtype), lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
+    kw = {"dtype": dtype, "remat": cfg.remat, "attention": cfg.attention}
     spec = jax.ShapeDtypeStruct((micro_rows, cfg.max_length), jnp.int32)
     batch = {k: spec for k in ("tokens", "targets", "positions", "segment_ids")}
     batch["weights"] = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
     if cfg.lora.enabled:
-        f = lambda t, fr, b: token_nll_sum(fr, mcfg, b, lora=t, lora_scale=scale, dtype=dtype, remat=cfg.remat)[0]  # noqa: E731
+        f = lambda t, fr, b: token_nll_sum(fr, mcfg, b, lora=t, lora_scale=scale, **kw)[0]  # noqa: E731
     else:
-        f = lambda t, fr, b: token_nll_sum(t, mcfg, b, dtype=dtype, remat=cfg.remat)[0]  # noqa: E731
+        f = lambda t, fr, b: token_nll_sum(t, mcfg, b, **kw)[0]  # noqa: E731
     try:
         res = saved_residuals(f, trainable, frozen, batch)
     except Exception:  # noqa: BLE001  (private API; the plan stands without the split)

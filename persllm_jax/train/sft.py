@@ -22,9 +22,10 @@ import optax
 from persllm_jax.io import jnp_dtype
 from persllm_jax.model import lora as lora_mod
 from persllm_jax.model.config import ModelConfig
-from persllm_jax.model.decoder import hidden_states, linear_shapes, logits_from_hidden
+from persllm_jax.model.decoder import hidden_states, linear_shapes, vocab_projection
 from persllm_jax.train import data as data_mod
 from persllm_jax.train import distributed
+from persllm_jax.train import loss as loss_mod
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig
 from persllm_jax.train.loop import run_folder, train_loop
@@ -33,15 +34,17 @@ from persllm_jax.train.loop import run_folder, train_loop
 
 
 def token_nll_sum(params, mcfg: ModelConfig, batch: dict, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
-                  remat=False):
-    """(sum of fp32 token NLL over weighted targets, sum of weights) for one [B, T] batch."""
+                  remat=False, attention="auto", trained_budget=0):
+    """(sum of fp32 token NLL over weighted targets, sum of weights) for one [B, T] batch. With
+    `trained_budget` (>= the trained targets of any row) only those positions reach the vocabulary; the
+    log-softmax runs in chunks either way (train/loss.py), so [B, T, V] logits never exist."""
     h = hidden_states(params, mcfg, batch["tokens"], batch["positions"], batch["segment_ids"], lora=lora,
-                      lora_scale=lora_scale, dtype=dtype, remat=remat)
-    logits = logits_from_hidden(params, h)  # fp32
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    w = batch["weights"].astype(jnp.float32)
-    return jnp.sum((logz - picked) * w), jnp.sum(w)
+                      lora_scale=lora_scale, dtype=dtype, remat=remat, attention=attention)
+    targets, w = batch["targets"], batch["weights"].astype(jnp.float32)
+    if trained_budget and trained_budget < targets.shape[1]:
+        h, targets, w = loss_mod.gather_trained(h, targets, w, trained_budget)
+    logp = loss_mod.token_logps(h, vocab_projection(params), targets)
+    return -jnp.sum(logp * w), jnp.sum(w)
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int):
@@ -56,15 +59,17 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
     return optax.chain(*parts), schedule
 
 
-def make_train_step(cfg: TrainConfig, mcfg: ModelConfig, optimizer, schedule):
+def make_train_step(cfg: TrainConfig, mcfg: ModelConfig, optimizer, schedule, trained_budget: int = 0):
+    """`trained_budget`: trained targets per row that reach the vocabulary (0 = all positions); see token_nll_sum."""
     dtype, use_lora = jnp_dtype(cfg.dtype), cfg.lora.enabled
     scale = lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
+    kw = {"dtype": dtype, "remat": cfg.remat, "attention": cfg.attention, "trained_budget": trained_budget}
 
     def loss_fn(trainable, frozen, mb, key):
         if use_lora:
             adapter = lora_mod.with_dropout(trainable, key, cfg.lora.dropout)
-            return token_nll_sum(frozen, mcfg, mb, lora=adapter, lora_scale=scale, dtype=dtype, remat=cfg.remat)
-        return token_nll_sum(trainable, mcfg, mb, dtype=dtype, remat=cfg.remat)
+            return token_nll_sum(frozen, mcfg, mb, lora=adapter, lora_scale=scale, **kw)
+        return token_nll_sum(trainable, mcfg, mb, **kw)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -221,7 +226,12 @@ def _train(cfg: TrainConfig, run_dir: Path, *, loaded=None, tokenizer=None, devi
     optimizer, schedule = make_optimizer(cfg, total)
     state, frozen = init_state(cfg, mcfg, loaded.params, optimizer, mesh)
     kind = "lora" if cfg.lora.enabled else "params"
-    step_fn, st_sh, _, b_sh = compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh)
+    n_epochs = math.ceil(total * rows_per_step / len(epoch0["tokens"])) + 1  # every epoch the run reads rows of
+    budget = loss_mod.trained_budget([data_mod.epoch_rows(examples, cfg.max_length, cfg.seed, e, cfg.shuffle,
+                                                          cfg.packing)["weights"] for e in range(n_epochs)],
+                                     cfg.max_length)
+    step = make_train_step(cfg, mcfg, optimizer, schedule, trained_budget=budget)
+    step_fn, st_sh, _, b_sh = compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=step)
     info = {"model": cfg.model, "model_source": loaded.source, "model_config": loaded.hf_config, "kind": kind,
             "lora": lora_info_of(cfg), "data": str(path), "data_stats": vars(stats), "total_steps": total,
             "mesh": dict(mesh.shape)}
