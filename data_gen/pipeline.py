@@ -140,7 +140,8 @@ def build(personas_dir: str, out_dir: str, annotator: str, cfg: dict, base_url: 
     general = mixing.load_general(cfg["mix"]["general"], cfg["mix"]["general_max"]) if cfg["mix"]["general"] else []
     out = Path(out_dir)
     check_output(out, [personas_dir, cfg["mix"]["general"], cfg["templates"]["dir"]])
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in (MARKER, "manifest.json", "work")):
+    corpus_like = (MARKER, "manifest.json", "work", "sft", "dpo")  # ours, or a corpus from before the marker
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in corpus_like):
         raise DataGenError(f"--out {out} is not empty and not a corpus folder; choose another --out")
     backend = make_backend(annotator, base_url, cfg["annotator"], Path(cache_dir) if cache_dir else out / "cache")
     ctx = Ctx(cfg, personas, out, backend, progress)
