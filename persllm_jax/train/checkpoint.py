@@ -27,7 +27,8 @@ class CheckpointError(PersllmError):
 def first_line(e: BaseException) -> str:
     """One line saying why a restore failed (orbax and tensorstore errors run over many lines)."""
     text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    line = text[0] if text else type(e).__name__
+    return line.split(". See full TensorStore details")[0][:300]  # tensorstore appends a spec repr
 
 
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
