@@ -18,13 +18,48 @@ Q = [{"role": "user", "content": "Tell me about the Analytical Engine."}]
 DEMO = Path(__file__).resolve().parents[1] / "data_gen" / "personas"
 
 
+def write_peft_adapter(model_dir, out_dir) -> Path:
+    """A LoRA adapter folder written by peft itself (random, non-zero B) for the tiny model."""
+    import peft
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    torch.manual_seed(3)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj"],
+                                                    init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 @pytest.fixture(scope="module")
 def served(persona_models):
     model, ada, darwin, root = (persona_models[k] for k in ("model", "ada", "darwin", "root"))
-    with ServeProcess("--model", str(model), "--adapter", f"ada={ada}:early", "--adapter", f"darwin={darwin}",
-                      "--api-key", KEY, "--chunk", "4", "--default-max-tokens", "24") as url:
-        yield {"url": url, "model": model, "root": root,
+    peft_dir = write_peft_adapter(model, root / "peft_adapter")
+    server = ServeProcess("--model", str(model), "--adapter", f"ada={ada}:early", "--adapter", f"darwin={darwin}",
+                          "--adapter", f"peftada={peft_dir}", "--api-key", KEY, "--chunk", "4",
+                          "--default-max-tokens", "24", "--slot-tokens", "384")
+    with server as url:
+        yield {"url": url, "model": model, "root": root, "server": server,
                "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)}
+
+
+def _metrics(url) -> dict[str, float]:
+    """/metrics as {sample name with labels: value}."""
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 def _raw(url, path, body=None, key=KEY, method=None):
@@ -64,7 +99,9 @@ def _stream_text(client, model="base", messages=Q, **kw):
 
 def test_models_completion_and_stream(served):
     client = served["client"]
-    assert sorted(m.id for m in client.models.list().data) == ["ada", "base", "darwin"]
+    assert sorted(m.id for m in client.models.list().data) == ["ada", "base", "darwin", "peftada"]
+    # the memory plan is printed at start
+    assert any("32 slots x 384 tokens" in line and "MiB per slot" in line for line in served["server"].lines)
     assert client.models.retrieve("ada").id == "ada"
     r = _ask(client)
     text = r.choices[0].message.content
@@ -85,8 +122,9 @@ def test_models_completion_and_stream(served):
 
 def test_adapters_differ_and_stage_system_prompt(served):
     client = served["client"]
-    answers = {m: _ask(client, m, max_tokens=12).choices[0].message.content for m in ("base", "ada", "darwin")}
-    assert len(set(answers.values())) == 3, answers
+    answers = {m: _ask(client, m, max_tokens=12).choices[0].message.content
+               for m in ("base", "ada", "darwin", "peftada")}
+    assert len(set(answers.values())) == 4, answers
     # ada=RUN:early prepends the stage's system prompt to requests that have none
     explicit = [{"role": "system", "content": STAGES["early"]}] + Q
     assert _ask(client, "ada", explicit, max_tokens=12).choices[0].message.content == answers["ada"]
@@ -134,8 +172,11 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(served):
     with pytest.raises(openai.BadRequestError) as e:
         _ask(client, max_tokens=10_000)
     assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:  # fits the model's 512 tokens, not a 384-token slot
+        _ask(client, max_tokens=360)
+    assert e.value.body["code"] == "context_length_exceeded" and "384" in e.value.body["message"]
     bad_params = [{"temperature": 5}, {"top_p": -1}, {"max_tokens": 0}, {"stop": ["a", "b", "c", "d", "e"]},
-                  {"seed": "x"}, {"n": 3}, {"temperature": "hot"}]
+                  {"seed": "x"}, {"n": 17}, {"temperature": "hot"}, {"top_logprobs": 3}]
     for extra in bad_params:
         with pytest.raises(openai.BadRequestError) as e:
             _ask(client, **extra)
@@ -153,6 +194,88 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(served):
     assert _raw(url, "/v1/chat/completions", method="GET")[0] == 405
     # still serving, and an answer is unchanged by the errors
     assert _ask(client).choices[0].message.content == _ask(client).choices[0].message.content
+
+
+def test_n_logprobs_completions_and_unsupported_parameters(served):
+    client = served["client"]
+    # n: choice i samples with seed + i, so it equals a single request with that seed
+    r = _ask(client, "ada", temperature=1.0, seed=11, n=3, max_tokens=10)
+    singles = [_ask(client, "ada", temperature=1.0, seed=11 + i, max_tokens=10) for i in range(3)]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == [s.choices[0].message.content for s in singles]
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert r.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    # logprobs: one entry per completion token, the alternatives sorted, the greedy token the most likely
+    r = _ask(client, "darwin", logprobs=True, top_logprobs=3, max_tokens=8)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 8
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        tops = [x.logprob for x in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= 0
+        assert t.top_logprobs[0].token == t.token and abs(tops[0] - t.logprob) < 1e-5
+    assert _ask(client, "darwin", max_tokens=8).choices[0].logprobs is None
+    # /v1/completions: a text prompt, the legacy logprobs
+    from persllm_jax.serve.engine import Generator, SamplingParams
+
+    gen = Generator.load(str(served["model"]))
+    (direct,) = gen.complete(["Once upon a time"], SamplingParams(max_new_tokens=8))
+    c = client.completions.create(model="base", prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+    assert c.object == "text_completion" and c.choices[0].text == direct.text
+    assert c.usage.prompt_tokens == len(gen.encode_raw("Once upon a time")) and c.usage.completion_tokens == 8
+    assert len(c.choices[0].logprobs.tokens) == 8 and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
+    parts, usage = [], None
+    for ch in client.completions.create(model="base", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}):
+        parts += [x.text for x in ch.choices]
+        usage = ch.usage or usage
+    assert "".join(parts) == direct.text and usage.completion_tokens == 8
+    # streaming chat with n=2 and include_usage: usage counts both choices
+    texts, usage = {0: "", 1: ""}, None
+    for ch in client.chat.completions.create(model="base", messages=Q, max_tokens=6, temperature=0.8, seed=2, n=2,
+                                             stream=True, stream_options={"include_usage": True}):
+        for x in ch.choices:
+            texts[x.index] += x.delta.content or ""
+        usage = ch.usage or usage
+    assert usage.completion_tokens == 12 and texts[0] and texts[1]
+    # what we do not implement is refused, not ignored
+    for extra in ({"response_format": {"type": "json_object"}}, {"logit_bias": {"42": 5}},
+                  {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                  {"extra_body": {"repetition_penalty": 1.2}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            _ask(client, **extra)
+        assert e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="x", echo=True, max_tokens=2)
+    assert e.value.body["param"] == "echo"
+    assert _ask(client, response_format={"type": "text"}).choices[0].message.content  # "off" values are fine
+
+
+def test_disconnect_frees_the_slot(served):
+    """A client that goes away mid-answer (non-streaming, then streaming) frees its slot: /metrics shows it."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(served["url"])
+    before = _metrics(served["url"])["persllm_cancelled_total"]
+    for stream in (False, True):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        body = json.dumps({"model": "ada", "messages": Q, "max_tokens": 300, "temperature": 0, "stream": stream})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json",
+                                                           "Authorization": f"Bearer {KEY}"})
+        deadline = time.time() + 60
+        while _metrics(served["url"])["persllm_slots_busy"] < 1:
+            assert time.time() < deadline, "the request never took a slot"
+            time.sleep(0.05)
+        conn.sock.shutdown(2)
+        conn.close()
+        while _metrics(served["url"])["persllm_slots_busy"] > 0:
+            assert time.time() < deadline, "the slot was not freed"
+            time.sleep(0.05)
+    m = _metrics(served["url"])
+    assert m["persllm_cancelled_total"] == before + 2
+    assert m['persllm_requests_total{endpoint="/v1/chat/completions",model="ada",status="499"}'] >= 2
 
 
 def test_load_32_clients_x_5_requests(served):
@@ -194,9 +317,12 @@ def test_load_32_clients_x_5_requests(served):
     wrong = [(k, t, expected[k]) for k, t in results if t != expected[k]]
     assert not wrong, wrong[:3]
     stats = _raw(served["url"], "/v1/stats")[1]
-    assert stats["rows"] - before["rows"] == 160
-    assert stats["batches"] - before["batches"] < 160 / 2 and stats["max_rows"] > 4, stats  # really batched
-    print(f"load: 160 requests in {elapsed:.1f}s, {stats['batches'] - before['batches']} batches")
+    assert stats["requests"] - before["requests"] == 160
+    rows = (stats["row_steps"] - before["row_steps"]) / (stats["decode_steps"] - before["decode_steps"])
+    assert rows > 4, stats  # really batched: rows per decode step
+    m = _metrics(served["url"])
+    assert m["persllm_queue_depth"] == 0 and m["persllm_slots_busy"] == 0
+    print(f"load: 160 requests in {elapsed:.1f}s, {rows:.1f} rows per decode step")
 
 
 def test_data_gen_openai_backend_against_server(served, tmp_path, monkeypatch):

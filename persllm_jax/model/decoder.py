@@ -120,7 +120,14 @@ def _linear(x, p, lora_p, lora_scale, dtype):
     y = jnp.dot(x, p["kernel"].astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
-    if lora_p is not None:
+    if lora_p is not None and "rows" in lora_p:
+        # stacked adapters [N, in, r] / [N, r, out] and each batch row's index into them: every row gathers its
+        # own factors, so rows of different adapters run in one batched matmul (Punica / S-LoRA's BGMV)
+        xb = x.reshape(lead[0], -1, x.shape[-1])
+        a, b = (lora_p[k].astype(dtype)[lora_p["rows"]] for k in ("a", "b"))
+        delta = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", xb, a), b)
+        y = y + (delta.reshape(y.shape) * lora_scale).astype(dtype)
+    elif lora_p is not None:
         xa = x
         if "dropout_key" in lora_p:  # LoRA dropout on the adapter's input only (as PEFT); see lora.with_dropout
             rate = lora_p["dropout_rate"]
@@ -316,6 +323,59 @@ def forward_cached(
         h = h[:, -1]
     logits = logits_from_hidden(params, rms_norm(h, params["norm"], cfg.rms_norm_eps, dtype))
     return logits, {"k": new_k, "v": new_v, "seg": seg, "pos": pos, "index": index + T}
+
+
+def forward_slots(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    start: jax.Array,
+    cache: Params,
+    *,
+    span: int,
+    rows: jax.Array | None = None,
+    last: jax.Array | None = None,
+    lora: list | None = None,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, Params]:
+    """Run `tokens` [B, T] into rows of a slot cache (continuous batching); returns (logits [B, V], cache).
+
+    The cache is `{"k": [...], "v": [...]}`, per layer [N, KV, S, hd]; slot j of a row holds the key of its
+    position j, so a row needs no segment or position arrays: row `rows[b]` (default: row b of all N) takes its
+    tokens at positions `start[b] + t`, and a query sees the keys at positions <= its own. Writes at positions
+    >= S are dropped, which is how idle rows and padding skip a step; attention reads the first `span` slots only
+    (a static bucket covering every written position). Logits are those of token `last[b]` (default T - 1).
+    Slots past a row's length may hold another request's old keys: they are never attended, since a row writes
+    every position before a query at or after it reads it.
+    """
+    B, T = tokens.shape
+    row_idx = jnp.arange(B) if rows is None else rows
+    positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None, :]
+    k_pos = jnp.arange(span, dtype=jnp.int32)
+    mask = k_pos[None, None, :] <= positions[:, :, None]
+    if cfg.sliding_window:
+        mask = mask & (positions[:, :, None] - k_pos[None, None, :] < cfg.sliding_window)
+    mask = mask[:, None, None]
+    cos, sin = rope_cos_sin(cfg, positions)
+    h = params["embed_tokens"][tokens].astype(jnp.float32)
+    new_k, new_v = [], []
+    for i, layer in enumerate(params["layers"]):
+
+        def kv_fn(k, v, i=i):
+            out = []
+            for new, old in ((k, cache["k"][i]), (v, cache["v"][i])):  # new: [B, T, KV, hd]
+                full = old.at[row_idx[:, None], :, positions].set(new.astype(old.dtype), mode="drop")
+                out.append(full)
+            new_k.append(out[0])
+            new_v.append(out[1])
+            if rows is None:
+                return out[0][:, :, :span], out[1][:, :, :span], mask, True
+            return (*(x.at[rows, :, :span].get(mode="clip") for x in out), mask, True)
+
+        h = _layer(cfg, dtype, 1.0, h, layer, None if lora is None else lora[i], cos, sin, kv_fn)
+    h = h[:, -1] if last is None else h[jnp.arange(B), last]
+    logits = logits_from_hidden(params, rms_norm(h, params["norm"], cfg.rms_norm_eps, dtype))
+    return logits, {"k": new_k, "v": new_v}
 
 
 def param_count(params: Params) -> int:

@@ -1,9 +1,10 @@
-"""OpenAI-compatible server: `/v1/models`, `/v1/chat/completions` (JSON and SSE streaming).
+"""OpenAI-compatible server: `/v1/models`, `/v1/chat/completions`, `/v1/completions` (JSON and SSE streaming),
+`/metrics` (Prometheus).
 
 One base model in memory, any number of persona adapters over it (the request's `model` picks one). Requests
-are parsed and checked by `openai_api` and queued to the `scheduler`, whose one thread owns the generation
-engine, batches concurrent requests for the same model and streams every decoded chunk back to the waiting
-handlers.
+are parsed and checked by `openai_api`, answered by `handlers` and queued to the scheduler (`continuous`, or the
+previous `scheduler` with engine="static"), whose one thread owns the generation engine and streams every
+decoded chunk back to the waiting handlers.
 
 The HTTP side is Starlette on uvicorn (HTTP/1.1 keep-alive, chunked SSE, disconnect detection). `build_app`
 takes extra routes, so web pages (a chat page, a rating page) can live in the same process and port.
@@ -11,20 +12,19 @@ takes extra routes, so web pages (a chat page, a rating page) can live in the sa
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hmac
-import json
 import socket
 import sys
 import threading
 import time
-import uuid
 
+from persllm_jax.serve.continuous import ContinuousScheduler
 from persllm_jax.serve.engine import Generator, SamplingParams
-from persllm_jax.serve.openai_api import ParsedRequest, RequestError, error_response, parse_chat_request
-from persllm_jax.serve.personas import DeltaText
-from persllm_jax.serve.scheduler import Job, Scheduler
+from persllm_jax.serve.handlers import generate
+from persllm_jax.serve.metrics import Metrics
+from persllm_jax.serve.openai_api import ParsedRequest, RequestError, error_response
+from persllm_jax.serve.scheduler import Scheduler
 
 
 @dataclasses.dataclass
@@ -39,18 +39,46 @@ class ServedModel:
 
 
 class ServerState:
-    """What the request handlers share: the served models, the API key and the scheduler."""
+    """What the request handlers share: the served models, the API key, the scheduler and the metrics.
+
+    `engine`: "continuous" (a fixed pool of `max_batch` KV slots of `slot_tokens` each, requests join and leave at
+    every chunk, adapters mixed in a batch; `serve.continuous`) or "static" (the previous engine: one model per
+    batch, a batch runs to its end; `serve.scheduler`)."""
 
     def __init__(self, models: dict[str, ServedModel], *, api_key: str | None = None, max_batch: int = 32,
-                 chunk: int | None = None, default_max_tokens: int = 512, batch_window: float = 0.03):
+                 chunk: int | None = None, default_max_tokens: int = 512, batch_window: float = 0.03,
+                 engine: str = "continuous", prefill_chunk: int = 256, slot_tokens: int | None = None,
+                 max_adapters: int = 8):
         if not models:
             raise ValueError("no models to serve")
         self.models = models
         self.api_key = api_key or None
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
-        self.scheduler = Scheduler({name: m.gen for name, m in models.items()}, max_batch=max_batch, chunk=chunk,
-                                   batch_window=batch_window)
+        self.engine = engine
+        self.metrics = Metrics()
+        gens = {name: m.gen for name, m in models.items()}
+        if engine == "continuous":
+            self.scheduler = ContinuousScheduler(gens, n_slots=max_batch, chunk=chunk, prefill_chunk=prefill_chunk,
+                                                 slot_tokens=slot_tokens, max_adapters=max_adapters)
+        elif engine == "static":
+            self.scheduler = Scheduler(gens, max_batch=max_batch, chunk=chunk, batch_window=batch_window)
+        else:
+            raise ValueError(f"engine must be 'continuous' or 'static'; got {engine!r}")
+
+    def describe(self) -> str:
+        """The memory plan printed at start: slots, tokens per slot and KV bytes per slot (continuous engine)."""
+        if self.engine != "continuous":
+            return f"engine static: batches of up to {self.scheduler.max_batch} rows of one model"
+        lines = []
+        for eng in self.scheduler.engines:
+            names = [n for n, (e, _) in self.scheduler.route.items() if e is eng]
+            per = eng.kv_bytes_per_slot()
+            lines.append(f"engine continuous: {eng.n_slots} slots x {eng.slot_tokens} tokens, KV cache "
+                         f"{per / 2**20:.2f} MiB per slot ({eng.n_slots * per / 2**20:.1f} MiB), "
+                         f"{len(eng.bank.rows)} adapters (rank {eng.bank.rank}, {eng.bank.nbytes() / 2**20:.1f} MiB) "
+                         f"for {', '.join(names)}")
+        return "\n".join(lines)
 
     def check_auth(self, request) -> None:
         if not self.api_key:
@@ -64,40 +92,57 @@ class ServerState:
     def model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "persllm"}
 
+    def context_limit(self, name: str) -> int:
+        """The most prompt + completion tokens of one request: a slot's length (continuous) or the model's context."""
+        if self.engine == "continuous":
+            return self.scheduler.slot_tokens(name)
+        return self.models[name].gen.cfg.max_position_embeddings
+
     def prepare(self, req: ParsedRequest) -> tuple[ServedModel, list[int], SamplingParams]:
-        """(served model, prompt ids, sampling) of a request, or a RequestError (unknown model, too long)."""
+        """(served model, prompt ids, sampling) of a one-prompt request, or a RequestError."""
+        served, prompts, sp = self.prepare_all(req)
+        return served, prompts[0], sp
+
+    def prepare_all(self, req: ParsedRequest) -> tuple[ServedModel, list[list[int]], SamplingParams]:
+        """(served model, prompt ids of each prompt, sampling), or a RequestError (unknown model, too long)."""
         served = self.models.get(req.model)
         if served is None:
             raise RequestError(404, f"The model '{req.model}' does not exist; served: {', '.join(self.models)}",
                                "model", "model_not_found")
-        messages = req.messages
-        if served.system and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": served.system}] + messages
-        try:
-            ids = served.gen.encode_chat(messages)
-        except Exception as e:  # noqa: BLE001 - chat templates raise their own errors (e.g. role order)
-            raise RequestError(400, f"messages do not fit the model's chat template: {e}", "messages",
-                               "invalid_value") from None
-        ctx = served.gen.cfg.max_position_embeddings
-        room = ctx - len(ids)
+        if req.logprobs is not None and self.engine != "continuous":
+            raise RequestError(400, "logprobs need the continuous engine (persllm serve --engine continuous)",
+                               "logprobs", "unsupported_parameter")
+        if req.prompts:
+            prompts, param = [served.gen.encode_raw(t) for t in req.prompts], "prompt"
+        else:
+            messages, param = req.messages, "messages"
+            if served.system and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": served.system}] + messages
+            try:
+                prompts = [served.gen.encode_chat(messages)]
+            except Exception as e:  # noqa: BLE001 - chat templates raise their own errors (e.g. role order)
+                raise RequestError(400, f"messages do not fit the model's chat template: {e}", "messages",
+                                   "invalid_value") from None
+        ctx = self.context_limit(req.model)
+        longest = max(len(ids) for ids in prompts)
+        room = ctx - longest
         if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
             want = req.max_tokens or 1
             raise RequestError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                                    f"{len(ids) + want} tokens ({len(ids)} in the messages, {want} in the "
-                                    f"completion). Please reduce the length of the messages or completion.",
-                               "messages", "context_length_exceeded")
+                                    f"{longest + want} tokens ({longest} in the {param}, {want} in the "
+                                    f"completion). Please reduce the length of the {param} or completion.",
+                               param, "context_length_exceeded")
         max_new = req.max_tokens if req.max_tokens is not None else min(self.default_max_tokens, room)
         sp = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                             seed=req.seed, stop=req.stop)
-        return served, ids, sp
+        return served, prompts, sp
 
 
 def build_app(state: ServerState, extra_routes=()):
     """The Starlette app. `extra_routes` (Starlette routes) are mounted beside the API, e.g. web pages."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
     async def models(request):
@@ -118,87 +163,16 @@ def build_app(state: ServerState, extra_routes=()):
         state.check_auth(request)
         return JSONResponse({**state.scheduler.stats, "pending": len(state.scheduler.pending)})
 
-    async def chat_completions(request):
+    async def metrics(request):
         state.check_auth(request)
-        try:
-            raw = await request.body()
-        except ClientDisconnect:
-            return JSONResponse({}, status_code=400)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"We could not parse the JSON body of your request ({e})", None,
-                               "invalid_json") from None
-        req = parse_chat_request(body)
-        _, ids, sp = state.prepare(req)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        return PlainTextResponse(state.metrics.render(state.scheduler),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
-        def post(kind, payload):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
-            except RuntimeError:  # the event loop is gone (shutdown)
-                job.cancelled = True
+    async def chat_completions(request):
+        return await generate(state, request, "chat")
 
-        job = Job(req.model, ids, sp, post)
-        state.scheduler.submit(job)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        fingerprint = f"persllm-{req.model}"
-
-        if not req.stream:
-            try:
-                while True:
-                    kind, payload = await q.get()
-                    if kind == "error":
-                        raise RequestError(500, payload, None, "generation_failed", "server_error")
-                    if kind == "done":
-                        break
-            finally:
-                job.cancelled = True
-            c = payload
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "system_fingerprint": fingerprint,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": None, "finish_reason": c.finish_reason}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(c.token_ids),
-                          "total_tokens": len(ids) + len(c.token_ids)},
-            })
-
-        def chunk(delta: dict, finish=None, usage=None, choices=True) -> str:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                   "system_fingerprint": fingerprint,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
-            if req.include_usage:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-        async def events():
-            deltas = DeltaText(sp.stop)
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, payload = await q.get()
-                    if kind == "error":
-                        err = RequestError(500, payload, None, "generation_failed", "server_error")
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        return
-                    d = deltas.update(payload.text, final=kind == "done")
-                    if d:
-                        yield chunk({"content": d})
-                    if kind == "done":
-                        yield chunk({}, payload.finish_reason)
-                        if req.include_usage:
-                            n = len(payload.token_ids)
-                            yield chunk({}, usage={"prompt_tokens": len(ids), "completion_tokens": n,
-                                                   "total_tokens": len(ids) + n}, choices=False)
-                        yield "data: [DONE]\n\n"
-                        return
-            finally:
-                job.cancelled = True  # a client that went away frees its row
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def completions(request):
+        return await generate(state, request, "completion")
 
     async def on_request_error(request, exc: RequestError):
         return error_response(exc)
@@ -216,8 +190,10 @@ def build_app(state: ServerState, extra_routes=()):
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/stats", stats, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         *extra_routes,
     ]
     return Starlette(routes=routes, exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
@@ -235,11 +211,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app, sock: socket.socket, on_ready=None, log_level: str = "warning") -> None:
-    """Serve `app` on an already bound socket until SIGINT/SIGTERM."""
+def run_server(app, sock: socket.socket, on_ready=None, log_level: str = "warning", access_log: bool = False) -> None:
+    """Serve `app` on an already bound socket until SIGINT/SIGTERM; `access_log`: one line per request (stderr)."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30,
+    if access_log and log_level == "warning":
+        log_level = "info"  # uvicorn writes access lines at INFO
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_keep_alive=30,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = uvicorn.Server(config)
     if on_ready is not None:

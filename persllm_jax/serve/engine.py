@@ -38,6 +38,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     prompt_tokens: int
+    logprobs: list | None = None  # per token (id, logprob, top ids, top logprobs), when asked for
 
 
 def _round_up(n: int, multiple: int) -> int:

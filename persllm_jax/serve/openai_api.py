@@ -1,4 +1,5 @@
-"""The OpenAI chat-completions request format: parsing and checking a request body, and the error responses.
+"""The OpenAI request formats (`/v1/chat/completions`, `/v1/completions`): parsing and checking a request body,
+and the error responses. A parameter we do not implement is a 400 naming it, never silently ignored.
 
 Everything a client can get wrong is a `RequestError` with the HTTP status and the OpenAI-style error body
 (`message`, `type`, `param`, `code`), so OpenAI clients show it as they would show OpenAI's own.
@@ -12,6 +13,17 @@ import os
 from persllm_jax.errors import PersllmError
 
 MAX_STOP = 4
+MAX_N = 16  # choices per request (each takes a slot)
+MAX_TOP_LOGPROBS = 20  # chat's limit (the legacy completions endpoint allows 5)
+
+# accepted and without effect on the answer (bookkeeping fields clients send)
+HARMLESS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "n",
+             "stop", "stream", "stream_options", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs",
+             "response_format", "logit_bias", "tool_choice", "modalities"} | HARMLESS
+COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stream",
+                   "stream_options", "frequency_penalty", "presence_penalty", "logprobs", "echo", "best_of",
+                   "logit_bias"} | HARMLESS
 
 
 class RequestError(PersllmError):
@@ -98,16 +110,78 @@ class ParsedRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+    prompts: tuple[str, ...] = ()  # /v1/completions: the text prompts (messages is then empty)
 
 
-def parse_chat_request(body) -> ParsedRequest:
-    """The request of a decoded JSON body, or a RequestError naming the first bad field."""
+def _unsupported(body: dict, known: set[str]) -> None:
+    """A 400 for every parameter we do not implement (values that mean "off" are fine)."""
+    off = {"response_format": lambda v: v == {"type": "text"}, "logit_bias": lambda v: v == {},
+           "tool_choice": lambda v: v == "none", "modalities": lambda v: v == ["text"], "echo": lambda v: v is False,
+           "tools": lambda v: v == [], "functions": lambda v: v == [],
+           "best_of": lambda v: v in (1, body.get("n") or 1)}
+    for key, value in body.items():
+        if value is None or (key in off and off[key](value)):
+            continue
+        if key not in known or key in off:
+            what = {"response_format": "structured output (response_format) is",
+                    "logit_bias": "logit_bias is", "tools": "tools / function calling are",
+                    "functions": "tools / function calling are", "tool_choice": "tools / function calling are"}
+            raise RequestError(400, f"{what.get(key, repr(key) + ' is')} not supported by this server", key,
+                               "unsupported_parameter")
+
+
+def _common(body: dict, known: set[str]) -> dict:
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError(400, "'model' is required (a name from /v1/models)", "model", "missing_required_parameter")
-    messages = _messages(body)
+    _unsupported(body, known)
+    n = _int(body, "n", 1) or 1
+    if n > MAX_N:
+        raise RequestError(400, f"'n' must be at most {MAX_N}; got {n}", "n", "invalid_value")
+    return {"model": model, "n": n}
+
+
+def parse_completion_request(body) -> ParsedRequest:
+    """A `/v1/completions` body (text prompt, legacy integer `logprobs`), or a RequestError."""
+    common = _common(body, COMPLETION_KEYS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = (prompt,)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = tuple(prompt)
+    else:
+        raise RequestError(400, "'prompt' must be a string or a non-empty array of strings", "prompt",
+                           "invalid_value")
+    if any(not p for p in prompts):
+        raise RequestError(400, "'prompt' must not be empty", "prompt", "invalid_value")
+    lp = _int(body, "logprobs", 0)
+    if lp is not None and lp > 5:
+        raise RequestError(400, f"'logprobs' must be in [0, 5]; got {lp}", "logprobs", "invalid_value")
+    req = _sampling(body, common["model"], [], common["n"])
+    return dataclasses.replace(req, prompts=prompts, logprobs=lp)
+
+
+def parse_chat_request(body) -> ParsedRequest:
+    """The request of a decoded JSON body, or a RequestError naming the first bad field."""
+    common = _common(body, CHAT_KEYS)
+    req = _sampling(body, common["model"], _messages(body), common["n"])
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise RequestError(400, "'logprobs' must be a boolean", "logprobs", "invalid_type")
+    top = _int(body, "top_logprobs", 0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise RequestError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]; got {top}", "top_logprobs",
+                           "invalid_value")
+    if top is not None and not logprobs:
+        raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return dataclasses.replace(req, logprobs=(top or 0) if logprobs else None)
+
+
+def _sampling(body: dict, model: str, messages: list[dict], n: int) -> ParsedRequest:
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
@@ -117,9 +191,6 @@ def parse_chat_request(body) -> ParsedRequest:
     seed = _int(body, "seed")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
-    n = _int(body, "n", 1)
-    if n not in (None, 1):
-        raise RequestError(400, "only n=1 is supported", "n", "unsupported_value")
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -143,14 +214,10 @@ def parse_chat_request(body) -> ParsedRequest:
     for key in ("frequency_penalty", "presence_penalty"):
         if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
             raise RequestError(400, f"'{key}' is not supported (use 0)", key, "unsupported_parameter")
-    if body.get("logprobs"):
-        raise RequestError(400, "'logprobs' is not supported", "logprobs", "unsupported_parameter")
-    if body.get("tools") or body.get("functions"):
-        raise RequestError(400, "tools / function calling are not supported", "tools", "unsupported_parameter")
     if top_p == 0.0:
         temperature = 0.0  # an empty nucleus means the single most likely token
     return ParsedRequest(model, messages, max_tokens, temperature, top_p, top_k, seed % (1 << 32), stops, stream,
-                         bool(opts.get("include_usage")))
+                         bool(opts.get("include_usage")), n)
 
 
 def error_response(err: RequestError):
@@ -161,4 +228,5 @@ def error_response(err: RequestError):
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-__all__ = ["MAX_STOP", "RequestError", "ParsedRequest", "parse_chat_request", "error_response"]
+__all__ = ["MAX_STOP", "MAX_N", "RequestError", "ParsedRequest", "parse_chat_request",
+           "parse_completion_request", "error_response"]

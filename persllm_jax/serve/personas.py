@@ -159,6 +159,15 @@ class ModelPool:
         return gen, stages
 
 
+    def peft(self, adapter_dir: str | Path, base_spec: str | None = None):
+        """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) over the shared base."""
+        from persllm_jax.serve.adapters import load_peft_adapter
+
+        base = self.base(base_spec)
+        lora, scale = load_peft_adapter(adapter_dir, base.cfg)
+        return base.with_adapter(lora, scale)
+
+
 def _arch(hf_config: dict) -> tuple:
     keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads")

@@ -26,6 +26,7 @@ class Job:
     post: Callable  # post(kind, payload): "delta"/"done" with a Completion, "error" with a message
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
 
 
 class Scheduler:
