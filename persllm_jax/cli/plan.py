@@ -1,7 +1,9 @@
-"""`persllm plan CONFIG`: will a training recipe fit the chips it is meant for? Checked before launch, on a CPU."""
+"""`persllm plan CONFIG`: will a training recipe fit the chips it is meant for? Checked before launch, on a CPU
+(emulated devices, train/plan.py) or with the real TPU compiler (`--target tpu-...`, train/tpu_plan.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -19,20 +21,28 @@ from persllm_jax.train.plan import (
     run_worker,
     suggestions,
 )
+from persllm_jax.train.tpu_plan import TARGETS
 
 HELP = ("Compile the train step of CONFIG_FILE for N emulated devices and check it fits the chip's memory.\n\n"
         "CONFIG_FILE is a train config (SFT or DPO) or a `persllm reproduce` recipe (its sft stage). No "
         "weights are read: the model may be a named shape, e.g. `model: shape:llama-8b` (shapes: "
-        + ", ".join(SHAPES) + "). Exits 1 when the step does not fit, with fixes to try. See docs/scale.md. "
+        + ", ".join(SHAPES) + "). With --target tpu-..., the SFT and DPO steps (a recipe's two stages; a train "
+        "config read as both) are compiled by the TPU compiler (libtpu) instead. Exits 1 when the step does not "
+        "fit, with fixes to try. See docs/scale.md. "
         "Config keys: those of `persllm train sft` (--print-config lists them with their values).")
+
+
+def _is_recipe(config_file) -> bool:
+    """A `persllm reproduce` recipe (stage sections or includes) rather than a train config."""
+    from persllm_jax.settings import read_file
+
+    doc = read_file(config_file)
+    return "sft" in doc or "include" in doc
 
 
 def _plan_config(config_file, sets, model):
     """The train config to plan: CONFIG_FILE itself, or the sft stage of a `persllm reproduce` recipe."""
-    from persllm_jax.settings import read_file
-
-    doc = read_file(config_file)
-    if "sft" in doc or "include" in doc:
+    if _is_recipe(config_file):
         from persllm_jax.pipeline.config import load, train_config
 
         return load_train_config(config_file, sets, model, base=plan_config_dict(train_config(load(config_file), "sft")))
@@ -51,13 +61,18 @@ def _plan_config(config_file, sets, model):
               help="Fraction of the device memory the step may use (the rest: runtime, fragmentation).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--print-config", is_flag=True, help="Print the resolved train config (every key with its value) and exit.")
-def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config):
+@click.option("--target", default="cpu", show_default=True, metavar="TARGET",
+              help="cpu (emulated devices, --devices/--device-kind) or a TPU slice compiled by the real TPU "
+                   "compiler, SFT and DPO steps: " + ", ".join(TARGETS) + ". See docs/scale.md.")
+def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config, target):
     from persllm_jax.settings import dump
 
     cfg = _plan_config(config_file, sets, model)
     if print_config:
         click.echo(dump(cfg), nl=False)
         return
+    if target != "cpu":
+        return _plan_tpu(config_file, target, cfg, model, sets, headroom, as_json)
     n = n_devices or default_devices(cfg)
     cap = capacity(kind, n)
     result = run_worker(plan_config_dict(cfg), n)
@@ -72,3 +87,37 @@ def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, p
         fixes = format_suggestions(suggestions(cfg, result, n))
         raise click.ClickException(f"{config_file}: the step needs {result['bytes']['peak'] / GiB:.2f} GiB per "
                                    f"device, more than {headroom * cap / GiB:.1f} GiB on {n} x {kind}. Try:\n{fixes}")
+
+
+def _stage_configs(config_file, sft, sets, model) -> dict:
+    """{"sft": TrainConfig, "dpo": DPOConfig} for --target: a recipe's two stages (dpo when enabled), or a train
+    config file read as each (SFT ignores DPO-only keys, DPO takes its defaults for keys the file lacks)."""
+    from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
+
+    stages = {"sft": load_config(TrainConfig, None, base=plan_config_dict(sft))}
+    over = {"model": model} if model else {}
+    if _is_recipe(config_file):
+        from persllm_jax.pipeline.config import load, train_config
+
+        recipe = load(config_file)
+        if recipe["dpo"].get("enabled", True):
+            dpo = dataclasses.asdict(train_config(recipe, "dpo"))
+            stages["dpo"] = load_config(DPOConfig, None, sets, base={**dpo, **over})
+    else:
+        stages["dpo"] = load_config(DPOConfig, config_file, sets, base=over or None)
+        if model:  # --model beats the file
+            stages["dpo"].model = model
+    return stages
+
+
+def _plan_tpu(config_file, target, sft, model, sets, headroom, as_json):
+    """--target tpu-...: the SFT and DPO steps compiled by libtpu in a worker; exit 1 with fixes when one does not fit."""
+    from persllm_jax.train.tpu_plan import run_tpu_worker
+    from persllm_jax.train.tpu_report import refusal, report, with_roofline
+
+    cfgs = _stage_configs(config_file, sft, sets, model)
+    result = with_roofline(run_tpu_worker({k: dataclasses.asdict(c) for k, c in cfgs.items()}, target))
+    text, fits = report(result, headroom)
+    click.echo(json.dumps({**result, "headroom": headroom, "fits": fits}, indent=1) if as_json else text)
+    if not fits:
+        raise click.ClickException(refusal(result, cfgs, headroom, str(config_file)))

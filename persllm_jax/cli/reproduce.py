@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from persllm_jax.cli.train import exit_preempted
 from persllm_jax.pipeline.config import load, stage_config
 from persllm_jax.pipeline.report import summary_table
 from persllm_jax.pipeline.stages import reproduce
 from persllm_jax.settings import dump
+from persllm_jax.train.preemption import Preempted
 
 
 @click.command("reproduce")
@@ -35,6 +37,9 @@ def reproduce_cmd(config, out, sets, no_progress, print_stage):
     if print_stage:
         click.echo(dump(stage_config(load(config, sets), print_stage)), nl=False)
         return
-    rows = reproduce(config, out, sets, progress=not no_progress)
+    try:
+        rows = reproduce(config, out, sets, progress=not no_progress)
+    except Preempted as e:  # the stage stays "started": rerunning resumes it from this checkpoint
+        exit_preempted(e, "persllm reproduce")
     click.echo(summary_table(rows, out))
     click.echo(f"report: {out / 'report.md'}")

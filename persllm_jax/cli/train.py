@@ -8,6 +8,7 @@ import click
 
 from persllm_jax.settings import PRINT_CONFIG_HELP, ConfigError, dump, read_file
 from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
+from persllm_jax.train.preemption import PREEMPTED_EXIT, Preempted
 
 CONFIG_HELP = "YAML config file (keys: `--print-config` prints every key with its value)."
 
@@ -34,6 +35,12 @@ def resolve_config(cls, run_dir: Path, config_file, sets, resume: bool, cli: dic
     return cfg
 
 
+def exit_preempted(e: Preempted, prog: str) -> None:
+    """A preempted run's end: one line on stderr and PREEMPTED_EXIT (75, "try again"), not a PersllmError's 1."""
+    click.echo(f"{prog}: {e}", err=True)
+    raise SystemExit(PREEMPTED_EXIT)
+
+
 def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print_config: bool, no_progress: bool):
     """The SFT or DPO command body: resolve the config, print it or train, and say how it ended."""
     cfg = resolve_config(cls, run_dir, config_file, sets, resume, cli)
@@ -47,7 +54,10 @@ def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print
         from persllm_jax.train.sft import run
     else:
         from persllm_jax.train.dpo import run
-    summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
+    try:
+        summary = run(cfg, run_dir, progress=not no_progress, log=lambda s: click.echo(s, err=True))
+    except Preempted as e:
+        exit_preempted(e, f"persllm train {kind}")
     last = summary["last"]
     if not last:
         click.echo(f"nothing to do: {run_dir} already holds step {summary['steps']}")

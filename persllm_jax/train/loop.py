@@ -1,5 +1,6 @@
 """The training loop shared by SFT and DPO: resume from the latest checkpoint, write config.yaml and run.json,
-run the jitted step over the data stream, log metrics.jsonl (tokens/s, MFU), save checkpoints.
+run the jitted step over the data stream, log metrics.jsonl (tokens/s, MFU), save checkpoints; on SIGTERM
+(preemption.py) checkpoint the step reached and raise `Preempted`.
 
 The step itself is a pure function `step_fn(state, frozen, batch) -> (state, metrics)` built by sft.py or
 dpo.py; gradient accumulation happens inside it (a scan over micro-batches that sums and normalises once).
@@ -20,7 +21,7 @@ from persllm_jax.io import read_jsonl, write_jsonl
 from persllm_jax.outputs import MARKER, OutputError, check_output
 from persllm_jax.runs import checkpoint_steps, write_run
 from persllm_jax.settings import ConfigError, read_file
-from persllm_jax.train import checkpoint, distributed
+from persllm_jax.train import checkpoint, distributed, preemption
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig, save_config
 
@@ -123,40 +124,47 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
 
         bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
-    for step in range(start, total):
-        host, data_pos = next(stream)
-        tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
-        host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
-        state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
-        if step == start:  # the first step includes compilation: keep it out of tokens/s
-            jax.block_until_ready(m)
-            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            m = jax.device_get(m)
-            now, cpu = time.perf_counter(), time.process_time()
-            tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
-            # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
-            tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
-            last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
-                    "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
-            last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
-            last["data_position"] = data_pos
-            if jax.process_index() == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
+    done, stop = start, False
+    with preemption.watch(log) as preempt:
+        for step in range(start, total):
+            host, data_pos = next(stream)
+            tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
+            host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
+            state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
+            if step == start:  # the first step includes compilation: keep it out of tokens/s
+                jax.block_until_ready(m)
+                t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                m = jax.device_get(m)
+                now, cpu = time.perf_counter(), time.process_time()
+                tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
+                # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
+                tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
+                last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
+                        "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
+                last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
+                last["data_position"] = data_pos
+                if jax.process_index() == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(last) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-            t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
-        if bar is not None:
-            bar.update(1)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total:
-            checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
-                            {"step": state["step"], "rng": state["rng"]},
-                            {"step": done, "data_position": data_pos, "kind": kind}, kind)
+                bar.update(1)
+            stop = done < total and preempt.stop(done, mgr)  # SIGTERM (or orbax's multi-host signal) during this step
+            if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop:
+                checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
+                                {"step": state["step"], "rng": state["rng"]},
+                                {"step": done, "data_position": data_pos, "kind": kind}, kind)
+            if stop:
+                break
     mgr.wait_until_finished()
     if bar is not None:
         bar.close()
+    if stop:
+        raise preemption.Preempted(done, total, run_dir)
     return {"steps": total, "last": last, "state": state, "frozen": frozen, "flops_per_token": fpt,
             "peak_flops": peak}
 

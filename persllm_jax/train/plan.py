@@ -63,7 +63,7 @@ def _bytes_per_device(tree, shardings) -> int:
     return int(sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, sh)))
 
 
-def _saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | None:
+def saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | None:
     """Bytes of the residuals one micro-batch keeps for its backward pass (global, all rows), from JAX's own
     account of what autodiff saves (`saved_residuals`); arguments (weights, batch) are not counted."""
     import jax
@@ -94,9 +94,10 @@ def _saved_activations(cfg, mcfg, trainable, frozen, micro_rows: int) -> int | N
                    if not str(why).startswith("from the argument")))
 
 
-def abstract_step(cfg, n_devices: int, devices=None) -> dict:
+def abstract_step(cfg, n_devices: int, devices=None, mcfg=None) -> dict:
     """Everything `persllm train sft` builds before its first step, as shapes: model config, mesh, abstract
-    state and frozen base with their shardings, the jitted step (train.compile_step) and an abstract batch."""
+    state and frozen base with their shardings, the jitted step (sft.compile_step) and an abstract batch.
+    `devices` may be a TPU topology's compile-only devices (tpu_plan.py); `mcfg` overrides cfg.model's config."""
     import jax
     import jax.numpy as jnp
 
@@ -105,7 +106,7 @@ def abstract_step(cfg, n_devices: int, devices=None) -> dict:
     from persllm_jax.train import sft
     from persllm_jax.train import sharding as shd
 
-    mcfg = model_config(cfg.model)
+    mcfg = mcfg or model_config(cfg.model)
     devices = list(devices if devices is not None else jax.devices())[:n_devices]
     if len(devices) < n_devices:
         raise PlanError(f"plan: {n_devices} devices asked for but this process has {len(devices)}")
@@ -153,7 +154,7 @@ def compute_plan(cfg, n_devices: int, devices=None) -> dict:
     args, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
                               int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
     peak = args + out - alias + temp
-    saved = _saved_activations(cfg, mcfg, state["trainable"], frozen, cfg.batch_size)
+    saved = saved_activations(cfg, mcfg, state["trainable"], frozen, cfg.batch_size)
     act = None if saved is None else min(temp, saved // dp)
     n_params = mcfg.num_params()
     n_trainable = lora_mod.lora_param_count(state["trainable"]) if cfg.lora.enabled else n_params
@@ -172,7 +173,7 @@ def compute_plan(cfg, n_devices: int, devices=None) -> dict:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _gib(n) -> str:
+def gib(n) -> str:
     return "n/a" if n is None else f"{n / GiB:8.2f} GiB"
 
 
@@ -185,7 +186,7 @@ def suggestions(cfg, plan: dict, n_devices: int) -> list[tuple[list[str], str]]:
     b, out = plan["bytes"], []
     if not cfg.remat:
         out.append((["remat=true"], "recompute each layer in the backward pass: of the "
-                    f"{_gib(b['activations']).strip()} saved activations about one hidden state per layer stays"))
+                    f"{gib(b['activations']).strip()} saved activations about one hidden state per layer stays"))
     if plan["micro_rows_per_device"] > 1:
         out.append(([f"batch_size={cfg.batch_size // 2}", f"grad_accum={cfg.grad_accum * 2}"],
                     "smaller micro-batch, same global batch: activations and temporaries about halve"))
@@ -194,7 +195,7 @@ def suggestions(cfg, plan: dict, n_devices: int) -> list[tuple[list[str], str]]:
                     "devices instead of replicating them in each data-parallel group"))
     else:
         out.append(([], f"more fsdp: --devices {2 * n_devices} (mesh.fsdp=-1) halves the "
-                    f"{_gib(b['weights'] + b['optimizer']).strip()} of weights and optimizer state per device"))
+                    f"{gib(b['weights'] + b['optimizer']).strip()} of weights and optimizer state per device"))
     if not cfg.lora.enabled:
         out.append((["lora.enabled=true"], "train an adapter: no gradients or optimizer state for the base weights"))
     if cfg.max_length > 1024:
@@ -220,12 +221,12 @@ def report(plan: dict, kind: str, cap: int, headroom: float) -> tuple[str, bool]
         f"per device per micro-step), grad_accum {plan['grad_accum']}, compute {plan['dtype']}, weights "
         f"{plan['param_dtype']}, remat {'on' if plan['remat'] else 'off'}",
         "per device (XLA memory analysis of the compiled step; compiled for CPU, see caveat):",
-        f"  weights          {_gib(b['weights'])}",
-        f"  optimizer state  {_gib(b['optimizer'])}",
-        f"  batch            {_gib(b['batch'])}",
-        f"  activations      {_gib(b['activations'])}   (saved for the backward pass)",
-        f"  temporaries      {_gib(b['temporaries'])}",
-        f"  peak             {_gib(b['peak'])}   of {_cap(cap)} GiB ({100 * b['peak'] / cap:.0f}%; "
+        f"  weights          {gib(b['weights'])}",
+        f"  optimizer state  {gib(b['optimizer'])}",
+        f"  batch            {gib(b['batch'])}",
+        f"  activations      {gib(b['activations'])}   (saved for the backward pass)",
+        f"  temporaries      {gib(b['temporaries'])}",
+        f"  peak             {gib(b['peak'])}   of {_cap(cap)} GiB ({100 * b['peak'] / cap:.0f}%; "
         f"limit {100 * headroom:.0f}% = {usable / GiB:.1f} GiB)",
         f"compiled in {plan['compile_s']:.1f} s. Caveat: CPU buffer assignment and fusion; temporaries on "
         f"TPU/GPU differ (bf16 may be kept in fp32 on CPU).",
@@ -243,11 +244,15 @@ def run_worker(cfg_dict: dict, n_devices: int) -> dict:
     starts). LLVM optimisation is off there: it changes code speed, not buffers, and halves compile time."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PERSLLM_XLA_CACHE="0",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices} {WORKER_XLA_FLAGS}")
-    proc = subprocess.run([sys.executable, "-m", "persllm_jax.train.plan", json.dumps(cfg_dict), str(n_devices)],
-                          env=env, capture_output=True, text=True)
+    return run_module("persllm_jax.train.plan", [json.dumps(cfg_dict), str(n_devices)], env, PlanError)
+
+
+def run_module(module: str, args: list[str], env: dict, error=PlanError) -> dict:
+    """`python -m module args` in `env`; its last stdout line as JSON, or `error` with its last stderr line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise PlanError(lines[-1] if lines else f"plan worker failed ({proc.returncode})")
+        raise error(lines[-1] if lines else f"{module} worker failed ({proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
