@@ -33,8 +33,9 @@ def _resolved(p) -> Path:
     return Path(os.path.realpath(Path(p).expanduser()))
 
 
-def check_output(out: str | Path, inputs, flag: str = "--out") -> None:
-    """Refuse an OUT that is, contains or lies inside one of `inputs` (paths; None entries are skipped)."""
+def check_output(out: str | Path, inputs, flag: str = "--out", inside_ok: bool = False) -> None:
+    """Refuse an OUT that is, contains or lies inside one of `inputs` (paths; None entries are skipped).
+    `inside_ok`: a command that never deletes OUT (training) may write inside an input folder."""
     o = _resolved(out)
     for raw in inputs:
         if raw is None or str(raw) in ("", "smollm2"):
@@ -44,7 +45,7 @@ def check_output(out: str | Path, inputs, flag: str = "--out") -> None:
             why = "is"
         elif i.is_relative_to(o):
             why = "contains"
-        elif o.is_relative_to(i):
+        elif o.is_relative_to(i) and not inside_ok:
             why = "lies inside"
         else:
             continue

@@ -93,8 +93,11 @@ def test_build_demo_against_faulty_server(api_key, tmp_path):
         # retries of every kind happened, and no request was answered twice
         for kind in ("429", "500", "timeout", "malformed"):
             assert m["requests"].get(f"retry_{kind}", 0) > 0, m["requests"]
-        assert srv.count("ok") == len(srv.answered) == m["requests"]["sent"] - sum(
+        assert len(srv.answered) == m["requests"]["sent"] - sum(
             v for k, v in m["requests"].items() if k.startswith("retry_"))
+        # an answer is sent twice only when the client had given up on the first (a timeout it retried): on a
+        # loaded machine an ordinary answer can take longer than the 0.5 s timeout too, not only the "slow" ones
+        assert 0 <= srv.count("ok") - len(srv.answered) <= m["requests"]["retry_timeout"] - srv.count("slow")
         assert srv.auth_headers == {f"Bearer {KEY}"}
         assert {r["type"] for r in train} == {"ordinary", "thought", "error"}
         assert {r["source"] for r in dpo} == {"cross_temporal", "cross_persona"}

@@ -247,8 +247,8 @@ def test_unreadable_inputs_name_file_line_and_column_and_leave_no_run_folder(tin
 
 def test_a_run_folder_is_never_an_input_nor_a_stranger(tiny, tmp_path):
     model, corpus = tiny
-    with pytest.raises(Exception, match="lies inside the input"):
-        train(model, corpus, corpus / "run")
+    with pytest.raises(Exception, match="contains the input"):
+        train(model, corpus, corpus.parent)
     stranger = tmp_path / "notes"
     stranger.mkdir()
     (stranger / "todo.txt").write_text("keep me")

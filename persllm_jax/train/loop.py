@@ -71,9 +71,9 @@ def resume_conflicts(saved: dict, cfg) -> list[str]:
 @contextlib.contextmanager
 def run_folder(run_dir: Path, cfg, inputs):
     """The run's folder, checked before any work: never one of the run's `inputs` (its data, model, parent
-    run), never a non-empty folder that is not a run, never resumed under settings its checkpoints cannot take.
+    run) nor a folder holding one, never a non-empty folder that is not a run, never resumed under settings its checkpoints cannot take.
     Created here, and removed again when the run fails before it wrote its first checkpoint."""
-    check_output(run_dir, inputs)
+    check_output(run_dir, inputs, inside_ok=True)  # training never deletes a run that existed before it
     existed = run_dir.exists()
     if existed and any(run_dir.iterdir()) and not any((run_dir / n).exists() for n in ("run.json", "checkpoints",
                                                                                       MARKER)):
