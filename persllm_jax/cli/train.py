@@ -68,15 +68,32 @@ def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print
                f"checkpoints in {run_dir / 'checkpoints'}")
 
 
+def _run_options(example_set: str):
+    """The options `train sft` and `train dpo` share (after their own --model/--data)."""
+    options = [
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+                     help="RUN_DIR for config, metrics, checkpoints."),
+        click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help=CONFIG_HELP),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help=f"Override a config key (repeatable), e.g. {example_set}."),
+        click.option("--resume", is_flag=True, help="Require a checkpoint in RUN_DIR and continue from it "
+                     "(rerunning into a RUN_DIR with checkpoints resumes anyway)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written)."),
+        click.option("--print-config", is_flag=True, help=PRINT_CONFIG_HELP),
+    ]
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 @train.command("sft")
 @click.option("--model", "model", default=None, help="HF dir, .gguf file or `smollm2` (default: from config).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads sft/train.jsonl) or a .jsonl file.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="RUN_DIR for config, metrics, checkpoints.")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. lora.rank=8.")
-@click.option("--resume", is_flag=True, help="Require a checkpoint in RUN_DIR and continue from it (rerunning into a RUN_DIR with checkpoints resumes anyway).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
-@click.option("--print-config", is_flag=True, help=PRINT_CONFIG_HELP)
+@_run_options("lora.rank=8")
 def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
     """Supervised fine-tuning on CORPUS/sft/train.jsonl; loss on assistant tokens only.
 
@@ -93,12 +110,7 @@ def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
 @click.option("--from", "from_run", default=None, type=click.Path(file_okay=False),
               help="SFT RUN_DIR: its adapter is merged into the base, which is also the reference (omit: DPO on the base).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads dpo/train.jsonl) or a .jsonl file of pairs.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="RUN_DIR for config, metrics, checkpoints.")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. beta=0.2.")
-@click.option("--resume", is_flag=True, help="Require a checkpoint in RUN_DIR and continue from it.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
-@click.option("--print-config", is_flag=True, help=PRINT_CONFIG_HELP)
+@_run_options("beta=0.2")
 def dpo(model, from_run, data, out, config_file, sets, resume, no_progress, print_config):
     """Direct preference optimisation on CORPUS/dpo/train.jsonl (prompt / chosen / rejected).
 

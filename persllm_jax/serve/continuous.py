@@ -21,7 +21,7 @@ import numpy as np
 
 from persllm_jax.serve.adapters import AdapterBank
 from persllm_jax.serve.engine import Completion, Generator, _stop_cut, _streamable
-from persllm_jax.serve.scheduler import Job
+from persllm_jax.serve.scheduler import Job, enqueue, stop
 from persllm_jax.serve.slots import SlotEngine
 
 
@@ -79,17 +79,10 @@ class ContinuousScheduler:
         eng = self.route[job.model][0]
         if len(job.prompt) + job.sampling.max_new_tokens > eng.slot_tokens:
             raise ValueError(f"prompt + max_new_tokens exceeds a slot's {eng.slot_tokens} tokens")
-        with self.cond:
-            if self.closed:
-                raise RuntimeError("server is shutting down")
-            self.pending.append(job)
-            self.cond.notify()
+        enqueue(self, job)
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
-        self.thread.join(timeout=30)
+        stop(self)
 
     def gauges(self) -> dict:
         busy = sum(len(r) for r in self.rows.values())

@@ -29,6 +29,23 @@ class Job:
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
 
 
+def enqueue(scheduler, job: Job) -> None:
+    """Queue `job` for a scheduler's worker thread (both engines: `cond`, `closed`, `pending`, `thread`)."""
+    with scheduler.cond:
+        if scheduler.closed:
+            raise RuntimeError("server is shutting down")
+        scheduler.pending.append(job)
+        scheduler.cond.notify()
+
+
+def stop(scheduler) -> None:
+    """Tell a scheduler's worker thread to finish and wait for it."""
+    with scheduler.cond:
+        scheduler.closed = True
+        scheduler.cond.notify()
+    scheduler.thread.join(timeout=30)
+
+
 class Scheduler:
     """One thread runs every generation; concurrent jobs for the same model are batched.
 
@@ -46,17 +63,10 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        with self.cond:
-            if self.closed:
-                raise RuntimeError("server is shutting down")
-            self.pending.append(job)
-            self.cond.notify()
+        enqueue(self, job)
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
-        self.thread.join(timeout=30)
+        stop(self)
 
     def _take(self) -> list[Job] | None:
         with self.cond:
