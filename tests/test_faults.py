@@ -254,3 +254,14 @@ def test_a_run_folder_is_never_an_input_nor_a_stranger(tiny, tmp_path):
     (stranger / "todo.txt").write_text("keep me")
     line = error_line(cli("train", "sft", "--model", model, "--data", corpus, "--out", stranger))
     assert "not a run directory" in line and (stranger / "todo.txt").read_text() == "keep me"
+
+
+def test_a_truncated_gguf_file_is_one_line_naming_it(tmp_path):
+    from persllm_jax.model.weights import embedded_model_path
+
+    src = Path(embedded_model_path())
+    cut = tmp_path / "model.gguf"
+    with open(src, "rb") as f:
+        cut.write_bytes(f.read(4096))  # the header and part of the metadata
+    with pytest.raises(WeightsError, match=rf"{cut}: not a readable GGUF file .*truncated"):
+        load_model(str(cut))

@@ -52,11 +52,7 @@ def hf_config_of(model: str) -> tuple[dict, str]:
         if name not in SHAPES:
             raise ShapeError(f"model {model!r}: unknown shape; known: {', '.join('shape:' + s for s in SHAPES)}")
         return dict(SHAPES[name]), model
-    from persllm_jax.model.weights import (
-        WeightsError,
-        gguf_hf_config,
-        resolve_model_path,
-    )
+    from persllm_jax.model.weights import WeightsError, gguf_hf_config, open_gguf, resolve_model_path
 
     if model.endswith(".json"):
         path = model
@@ -67,9 +63,7 @@ def hf_config_of(model: str) -> tuple[dict, str]:
             raise ShapeError(str(e).splitlines()[0]) from None
     p = Path(path)
     if p.suffix == ".gguf":
-        import gguf
-
-        return gguf_hf_config(gguf.GGUFReader(str(p)), str(p)), str(p)
+        return gguf_hf_config(open_gguf(str(p)), str(p)), str(p)
     cfg_file = p / "config.json" if p.is_dir() else p
     try:
         return read_json(cfg_file, "config.json"), str(cfg_file)

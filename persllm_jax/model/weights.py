@@ -248,14 +248,23 @@ def load_gguf(path: str | Path, dtype=jnp.float32) -> LoadedModel:
     return LoadedModel(from_hf_dict(hf_config, path), params, path, hf_config)
 
 
+def open_gguf(path: str):
+    """gguf's reader, with a truncated or corrupt file reported as one line naming it."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001  (gguf raises ValueError, IndexError, struct errors ...)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: not a readable GGUF file ({why}); it may be truncated: download it again") from None
+
+
 GGUF_CACHE_MAX_BYTES = 1 << 30  # files above this are dequantized on every load rather than cached in fp32
 
 
 def _convert_gguf(path: str, cached: Path, weights: bool = True) -> tuple[dict[str, np.ndarray] | None, dict]:
     """Parse a GGUF once: cache its tokenizer, dequantize its weights (cached too when the file is small)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     hf_config = gguf_hf_config(reader, path)
     try:
         _save_tokenizer(_gguf_tokenizer(reader), cached)
@@ -370,9 +379,7 @@ def load_tokenizer(spec: str | None):
         _convert_gguf(path, cached, weights=False)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
-    import gguf  # the cache is not writable: build it in memory
-
-    return _gguf_tokenizer(gguf.GGUFReader(path))
+    return _gguf_tokenizer(open_gguf(path))  # the cache is not writable: build it in memory
 
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "load_hf_dir", "load_gguf", "resolve_model_path",
