@@ -45,6 +45,7 @@ def test_push_uploads_every_file_and_sends_the_token_only_as_auth_header(run, tm
         assert res.exit_code == 0, res.output
         assert "pushed to acme/harry" in res.output
         local = _all_bytes(tmp_path / "out")
+        assert local.pop(".persllm-output.json")  # our output marker stays local: it is not part of the model
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(local)
         repo = hub.repos["acme/harry"]
         assert repo["private"] is True
