@@ -48,12 +48,14 @@ Reason step by step first. Then write the score alone on the last line."""
 
 def probe_files(given, configured, corpus) -> list[str]:
     """The probe files to read: those given (--probes), else the config's timeline.probes (a path or a list),
-    else the corpus's probes.jsonl and controls.jsonl where they exist."""
+    else the corpus's probes.jsonl and controls.jsonl where they exist and hold rows (a test split without
+    `error` items has an empty controls.jsonl)."""
     if given:
         return list(given)
     if configured:
         return [configured] if isinstance(configured, str) else list(configured)
-    return [str(p) for p in (Path(corpus) / "probes.jsonl", Path(corpus) / "controls.jsonl") if p.is_file()]
+    return [str(p) for p in (Path(corpus) / "probes.jsonl", Path(corpus) / "controls.jsonl")
+            if p.is_file() and p.read_text(encoding="utf-8").strip()]
 
 
 def load(paths, max_per_cell: int | None = None) -> tuple[list[dict], list[dict]]:
