@@ -101,6 +101,7 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
     next data_pos). Every metric the step returns goes to metrics.jsonl (floats; `int_metrics` as ints).
     """
     mgr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
+    host_memory = jax.devices()[0].platform == "cpu"  # device buffers are host memory: no copy protects a save
     start, data_pos = 0, 0
     restored = checkpoint.restore_latest_good(mgr, run_dir, state["trainable"], state["opt_state"],
                                               {"step": state["step"], "rng": state["rng"]}, kind, log)
@@ -158,6 +159,8 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
                 checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
                                 {"step": state["step"], "rng": state["rng"]},
                                 {"step": done, "data_position": data_pos, "kind": kind}, kind)
+                if host_memory:  # the next step donates these buffers, which on CPU are the ones the save reads
+                    mgr.wait_until_finished()
             if stop:
                 break
     mgr.wait_until_finished()
