@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install (into .venv) and run the test suite. CI runs exactly this (.ci/run).
-# With no arguments the suite runs as two pytest processes, the quick tests and then the slow end-to-end ones
-# (-m slow), so that one process does not accumulate the memory of ~300 tests' compiled programs and models.
+# With no arguments the suite runs as three pytest processes: the quick tests, the slow end-to-end ones (-m slow),
+# and tests/test_reproduce.py on its own (see below).
 # Arguments go to a single pytest run (e.g. `bash tools/test.sh tests/test_generate.py -x`, `-m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +13,8 @@ if [ "$#" -gt 0 ]; then
 fi
 status=0
 python -m pytest -q -m "not slow" || status=$?
-python -m pytest -q -m slow || status=$(( status ? status : $? ))
+# test_reproduce gets a process of its own: after other slow tests in the same process its resumed SFT has
+# aborted inside XLA (SIGABRT, seen twice; never when it runs alone) - an open bug, see the session-4 note
+python -m pytest -q -m slow --ignore=tests/test_reproduce.py || status=$(( status ? status : $? ))
+python -m pytest -q tests/test_reproduce.py || status=$(( status ? status : $? ))
 exit "$status"
