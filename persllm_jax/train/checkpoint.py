@@ -84,15 +84,15 @@ def restore_latest_good(mgr: ocp.CheckpointManager, run_dir: Path, trainable, op
 
 def load_trained(run_dir: str | Path, step: int | None = None, kind: str | None = None):
     """(weights, meta) of a run's checkpoint, on the default device: for export, DPO and evaluation."""
-    mgr = manager(run_dir, create=False)
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{run_dir}: no checkpoint")
-    meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    kind = kind or meta.get("kind", "lora")
-    # A checkpoint written by several hosts names devices this process lacks: restore onto the default device.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    out = mgr.restore(step, args=ocp.args.Composite(**{kind: ocp.args.StandardRestore(fallback_sharding=one)}))
+    with manager(run_dir, create=False) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint")
+        meta = dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        kind = kind or meta.get("kind", "lora")
+        # A checkpoint written by several hosts names devices this process lacks: restore onto the default device.
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        out = mgr.restore(step, args=ocp.args.Composite(**{kind: ocp.args.StandardRestore(fallback_sharding=one)}))
     return out[kind], meta
 
 

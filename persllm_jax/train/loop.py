@@ -100,76 +100,76 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
     `step_fn(state, frozen, batch) -> (state, metrics)`; `stream(data_pos)` yields (host rows [accum*B, ...],
     next data_pos). Every metric the step returns goes to metrics.jsonl (floats; `int_metrics` as ints).
     """
-    mgr = checkpoint.manager(run_dir, cfg.keep_checkpoints)
-    host_memory = jax.devices()[0].platform == "cpu"  # device buffers are host memory: no copy protects a save
-    start, data_pos = 0, 0
-    restored = checkpoint.restore_latest_good(mgr, run_dir, state["trainable"], state["opt_state"],
-                                              {"step": state["step"], "rng": state["rng"]}, kind, log)
-    if restored is not None:
-        latest, (trainable, opt_state, tstate, meta) = restored
-        state = {"step": tstate["step"], "trainable": trainable, "opt_state": opt_state, "rng": tstate["rng"]}
-        start, data_pos = int(meta["step"]), int(meta["data_position"])
-        log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
-    metrics_path = run_dir / "metrics.jsonl"
-    if distributed.is_main():  # multi-host: run files and metrics from process 0 (checkpoints from all)
-        save_config(cfg, run_dir / "config.yaml")
-        write_run(run_dir, {**info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}"})
-        _trim_metrics(metrics_path, start)
-    peak = peak_flops(cfg)
-    local = shd.process_rows(b_sh, cfg.batch_size)  # this process's rows of each micro-batch
-    stream = stream(data_pos)
+    # closed on every exit, so no run leaves orbax's threads and open files behind it in this process
+    with checkpoint.manager(run_dir, cfg.keep_checkpoints) as mgr:
+        host_memory = jax.devices()[0].platform == "cpu"  # device buffers are host memory: no copy protects a save
+        start, data_pos = 0, 0
+        restored = checkpoint.restore_latest_good(mgr, run_dir, state["trainable"], state["opt_state"],
+                                                  {"step": state["step"], "rng": state["rng"]}, kind, log)
+        if restored is not None:
+            latest, (trainable, opt_state, tstate, meta) = restored
+            state = {"step": tstate["step"], "trainable": trainable, "opt_state": opt_state, "rng": tstate["rng"]}
+            start, data_pos = int(meta["step"]), int(meta["data_position"])
+            log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
+        metrics_path = run_dir / "metrics.jsonl"
+        if distributed.is_main():  # multi-host: run files and metrics from process 0 (checkpoints from all)
+            save_config(cfg, run_dir / "config.yaml")
+            write_run(run_dir, {**info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}"})
+            _trim_metrics(metrics_path, start)
+        peak = peak_flops(cfg)
+        local = shd.process_rows(b_sh, cfg.batch_size)  # this process's rows of each micro-batch
+        stream = stream(data_pos)
 
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
+        bar = None
+        if progress and jax.process_index() == 0:
+            from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-    t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
-    done, stop = start, False
-    with preemption.watch(log) as preempt:
-        for step in range(start, total):
-            host, data_pos = next(stream)
-            tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
-            host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
-            state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
-            if step == start:  # the first step includes compilation: keep it out of tokens/s
-                jax.block_until_ready(m)
-                t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
-            done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                m = jax.device_get(m)
-                now, cpu = time.perf_counter(), time.process_time()
-                tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
-                # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
-                tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
-                last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
-                        "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
-                last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
-                last["data_position"] = data_pos
-                if jax.process_index() == 0:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(last) + "\n")
+            bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
+        done, stop = start, False
+        with preemption.watch(log) as preempt:
+            for step in range(start, total):
+                host, data_pos = next(stream)
+                tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
+                host = {k: v.reshape(cfg.grad_accum, cfg.batch_size, *v.shape[1:])[:, local] for k, v in host.items()}
+                state, m = step_fn(state, frozen, shd.put_batch(host, b_sh, cfg.batch_size))
+                if step == start:  # the first step includes compilation: keep it out of tokens/s
+                    jax.block_until_ready(m)
+                    t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total:
+                    m = jax.device_get(m)
+                    now, cpu = time.perf_counter(), time.process_time()
+                    tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
+                    # per CPU-second of this process: the figure that stays comparable on a shared, busy machine
+                    tpc = tok_since / max(cpu - c_last, 1e-9) if tok_since else float("nan")
+                    last = {"step": done, "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
+                            "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
+                    last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
+                    last["data_position"] = data_pos
+                    if jax.process_index() == 0:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps(last) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                    t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
-                t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
-            if bar is not None:
-                bar.update(1)
-            stop = done < total and preempt.stop(done, mgr)  # SIGTERM (or orbax's multi-host signal) during this step
-            if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop:
-                checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
-                                {"step": state["step"], "rng": state["rng"]},
-                                {"step": done, "data_position": data_pos, "kind": kind}, kind)
-                if host_memory:  # the next step donates these buffers, which on CPU are the ones the save reads
-                    mgr.wait_until_finished()
-            if stop:
-                break
-    mgr.wait_until_finished()
-    if bar is not None:
-        bar.close()
-    if stop:
-        raise preemption.Preempted(done, total, run_dir)
-    return {"steps": total, "last": last, "state": state, "frozen": frozen, "flops_per_token": fpt,
-            "peak_flops": peak}
+                    bar.update(1)
+                stop = done < total and preempt.stop(done, mgr)  # SIGTERM (or orbax's multi-host signal) during this step
+                if (cfg.save_every and done % cfg.save_every == 0) or done == total or stop:
+                    checkpoint.save(mgr, done, state["trainable"], state["opt_state"],
+                                    {"step": state["step"], "rng": state["rng"]},
+                                    {"step": done, "data_position": data_pos, "kind": kind}, kind)
+                    if host_memory:  # the next step donates these buffers, which on CPU are the ones the save reads
+                        mgr.wait_until_finished()
+                if stop:
+                    break
+        if bar is not None:
+            bar.close()
+        if stop:
+            raise preemption.Preempted(done, total, run_dir)
+        return {"steps": total, "last": last, "state": state, "frozen": frozen, "flops_per_token": fpt,
+                "peak_flops": peak}
 
 
 __all__ = ["train_loop", "run_folder", "resume_conflicts", "RESUME_KEYS", "measure_peak_flops", "peak_flops"]
