@@ -21,6 +21,9 @@ MAY_IMPORT = {
     "persllm_jax.train": ("persllm_jax.model", "persllm_jax.runs"),
     "persllm_jax.export": ("persllm_jax.model", "persllm_jax.runs"),
     "persllm_jax.serve": ("persllm_jax.model", "persllm_jax.runs", "data_gen"),
+    # the serving plan compiles serve's programs with the plan's toolchain (TPU targets, worker, capacities)
+    "persllm_jax.serve.plan": ("persllm_jax.model", "persllm_jax.serve", "persllm_jax.train.plan",
+                               "persllm_jax.train.tpu_plan"),
     "persllm_jax.eval": ("persllm_jax.model", "persllm_jax.runs", "persllm_jax.serve", "data_gen"),
     "persllm_jax.pipeline": ("persllm_jax.model", "persllm_jax.runs", "persllm_jax.train", "persllm_jax.export",
                              "persllm_jax.eval", "data_gen"),

@@ -28,7 +28,9 @@ HELP = ("Compile the train step of CONFIG_FILE for N emulated devices and check 
         "weights are read: the model may be a named shape, e.g. `model: shape:llama-8b` (shapes: "
         + ", ".join(SHAPES) + "). With --target tpu-..., the SFT and DPO steps (a recipe's two stages; a train "
         "config read as both) are compiled by the TPU compiler (libtpu) instead. Exits 1 when the step does not "
-        "fit, with fixes to try. See docs/scale.md. "
+        "fit, with fixes to try. With --serve, the server's programs (prefill, decode) are planned instead: KV-cache "
+        "bytes, peak per chip and the largest batch that fits (CONFIG_FILE optional: --model names the model). "
+        "See docs/scale.md. "
         "Config keys: those of `persllm train sft` (--print-config lists them with their values).")
 
 
@@ -50,7 +52,7 @@ def _plan_config(config_file, sets, model):
 
 
 @click.command("plan", help=HELP)
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_file", type=click.Path(dir_okay=False), required=False)
 @click.option("--devices", "n_devices", type=int, default=None,
               help="Devices to plan for (default: the config's mesh size, or 1 when an axis is -1).")
 @click.option("--device-kind", "kind", type=click.Choice(list(DEVICE_KINDS)), default="cpu", show_default=True,
@@ -64,9 +66,31 @@ def _plan_config(config_file, sets, model):
 @click.option("--target", default="cpu", show_default=True, metavar="TARGET",
               help="cpu (emulated devices, --devices/--device-kind) or a TPU slice compiled by the real TPU "
                    "compiler, SFT and DPO steps: " + ", ".join(TARGETS) + ". See docs/scale.md.")
-def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config, target):
+@click.option("--serve", is_flag=True,
+              help="Plan `persllm serve` instead of training: one model replica per chip, its prefill and decode "
+                   "programs for --batch slots of --cache-tokens positions.")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
+              help="--serve: KV-cache slots (persllm serve --max-batch).")
+@click.option("--cache-tokens", default=4096, show_default=True, type=click.IntRange(16),
+              help="--serve: positions per slot, prompt + completion (persllm serve --slot-tokens).")
+@click.option("--serve-dtype", default="bfloat16", show_default=True,
+              help="--serve: weights, KV cache and compute dtype (persllm serve --dtype).")
+@click.option("--adapters", default=8, show_default=True, type=click.IntRange(0),
+              help="--serve: adapters in the bank (persllm serve --max-adapters); 0 = the base only.")
+@click.option("--lora-rank", default=16, show_default=True, type=click.IntRange(1),
+              help="--serve: the largest adapter rank (the bank pads every adapter to it).")
+def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config, target, serve, batch,
+                 cache_tokens, serve_dtype, adapters, lora_rank):
     from persllm_jax.settings import dump
 
+    if serve:
+        if sets and config_file is None:
+            raise click.UsageError("--set changes a CONFIG_FILE; with --serve --model there is none (use the --serve "
+                                   "options: --batch, --cache-tokens, --serve-dtype, --adapters, --lora-rank)")
+        return _plan_serve(config_file, model, sets, target, headroom, as_json, batch, cache_tokens, serve_dtype,
+                           adapters, lora_rank)
+    if config_file is None:
+        raise click.UsageError("CONFIG_FILE is required (except with --serve --model MODEL)")
     cfg = _plan_config(config_file, sets, model)
     if print_config:
         click.echo(dump(cfg), nl=False)
@@ -121,3 +145,25 @@ def _plan_tpu(config_file, target, sft, model, sets, headroom, as_json):
     click.echo(json.dumps({**result, "headroom": headroom, "fits": fits}, indent=1) if as_json else text)
     if not fits:
         raise click.ClickException(refusal(result, cfgs, headroom, str(config_file)))
+
+
+def _plan_serve(config_file, model, sets, target, headroom, as_json, batch, cache_tokens, dtype, adapters, lora_rank):
+    """--serve: the server's programs compiled for one chip of TARGET; exit 1 when the asked batch does not fit."""
+    from persllm_jax.io import DTYPE_NAMES
+    from persllm_jax.serve.plan import ServeShape, report, run_serve_plan
+
+    if dtype not in DTYPE_NAMES:
+        raise click.BadParameter(f"{dtype!r}: one of {', '.join(DTYPE_NAMES)}", param_hint="--serve-dtype")
+    if model is None:
+        if config_file is None:
+            raise click.UsageError("--serve needs --model MODEL (or a CONFIG_FILE whose model to plan)")
+        model = _plan_config(config_file, sets, None).model
+    shape = ServeShape(model=model, batch=batch, cache_tokens=cache_tokens, dtype=dtype, adapters=adapters,
+                       lora_rank=lora_rank)
+    result = run_serve_plan(shape, target, headroom)
+    text, fits = report(result)
+    click.echo(json.dumps({**result, "fits": fits}, indent=1) if as_json else text)
+    if not fits:
+        raise click.ClickException(f"the server does not fit one chip of {target} at --batch {batch} --cache-tokens "
+                                   f"{cache_tokens}: lower them (largest batch that fits: "
+                                   f"{result.get('largest_batch', 'none')})")

@@ -111,7 +111,10 @@ class ModelPool:
         key = spec or "smollm2"
         if key not in self.bases:
             try:
-                loaded = load_model(key)
+                # weights stored in the serving dtype (a bfloat16 server holds half the bytes of a float32
+                # copy): the decoder casts every weight to it before use, so only the embedding rows entering
+                # the fp32 residual stream round, and not at all for checkpoints released in bfloat16
+                loaded = load_model(key, self.dtype)
                 tok = load_tokenizer(key)
             except (WeightsError, ModelConfigError, OSError) as e:
                 raise TalkError(f"cannot load model {key}: {e}") from None
