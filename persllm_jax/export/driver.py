@@ -62,7 +62,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
            progress: bool = False) -> ExportResult:
     """Export `run_dir` to `out` (see module doc). `repo_id`: the Hub repo the export is for (the card's usage
     snippet loads it); `eval_dir`: a `persllm eval` output whose results go into the card; `progress`: a tqdm
-    bar of the phases (load, write, verify, card) on stderr."""
+    bar of the phases (load, write, verify, card) on stderr when it is a terminal."""
     out = Path(out)
     if fmt not in ("merged", "peft"):
         raise ExportError(f"unknown format {fmt!r}: use merged or peft")
@@ -112,7 +112,9 @@ class _phase_bar:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=len(PHASES), desc="export", unit="phase", file=sys.stderr, dynamic_ncols=True)
+            # disable=None: only on a terminal, so a log file or a captured stderr keeps its one-line errors
+            self.bar = tqdm(total=len(PHASES), desc="export", unit="phase", file=sys.stderr, dynamic_ncols=True,
+                            disable=None)
         self.done = 0
 
     def __call__(self, name: str | None) -> None:
