@@ -134,3 +134,9 @@ def test_big_exports_use_upload_large_folder_where_it_exists(tmp_path, login_sto
     assert [c["method"] for c in calls] == ["create_repo", "upload_folder", "create_repo", "upload_large_folder",
                                             "create_repo", "upload_folder"]
     assert calls[3]["kw"]["allow_patterns"] == ["model.safetensors"] and all(c["token"] == TOKEN for c in calls)
+
+
+def test_vllm_rank_is_the_smallest_accepted_value_at_least_r():
+    from persllm_jax.export.peft import vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (1, 8, 9, 6 + 4, 33, 300)] == [8, 8, 16, 16, 64, 320]

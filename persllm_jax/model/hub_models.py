@@ -50,7 +50,7 @@ def hub_snapshot(repo_id: str, revision: str | None, spec: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
     except LocalEntryNotFoundError as e:
-        why = "incomplete in" if type(e).__name__ == "IncompleteSnapshotError" else "not in"
+        why = "is incomplete in" if type(e).__name__ == "IncompleteSnapshotError" else "no such local path and not in"
         raise WeightsError(f"model {spec!r}: {why} the Hugging Face cache ({cache}); fetch it with: {fetch}") from None
     except HFValidationError as e:
         raise WeightsError(f"model {spec!r}: not a valid Hub id ({str(e).splitlines()[0]})") from None
