@@ -86,7 +86,16 @@ def parent_of(info: dict, run_dir: Path) -> tuple[Path | None, int | None]:
 
 
 def base_spec_of(info: dict, run_dir: Path) -> str:
-    """The base model as recorded: the resolved source if it still exists, else the spec given to train."""
+    """The base model as recorded: a Hub id given to train while it is in the HF cache (so exports and DPO runs
+    name the id, not the cache's snapshot path), else the resolved source if it still exists, else the spec."""
+    from persllm_jax.model.weights import WeightsError, parse_hub_id, resolve_model_path
+
+    if parse_hub_id(info.get("model")):
+        try:
+            resolve_model_path(info["model"])
+            return info["model"]
+        except WeightsError:
+            pass
     for key in ("model_source", "model"):
         spec = info.get(key)
         if not spec:

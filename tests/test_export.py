@@ -341,6 +341,9 @@ def test_gguf_base_exports_as_a_normal_hf_directory(tmp_path):
     assert not list(out.glob("*.gguf"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is True
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"  # torch_dtype: what transformers < 4.56 reads
+    # the GGUF-converted tokenizer is saved under a class transformers 4.x also has (5.x writes TokenizersBackend)
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == base.cfg.eos_token_ids[0]
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
     tok, ref_tok = load_tokenizer(str(out)), load_tokenizer("smollm2")

@@ -30,8 +30,9 @@ class PersllmGroup(click.Group):
 def main():
     """PersLLM in JAX: build persona corpora, train persona models (LoRA SFT, DPO), evaluate, chat, serve.
 
-    MODEL arguments accept a Hugging Face directory (safetensors), a .gguf file, or `smollm2` for the
-    embedded default SmolLM2-135M-Instruct. Commands that take a --config also take --set KEY=VALUE and
+    MODEL arguments accept a Hugging Face directory (safetensors), a .gguf file, `smollm2` for the
+    embedded default SmolLM2-135M-Instruct, or a Hub id ORG/NAME[@REVISION] already in the local Hugging
+    Face cache (`hf download ORG/NAME`; HF_HUB_CACHE / HF_HOME honoured). Commands that take a --config also take --set KEY=VALUE and
     --print-config (every key with its resolved value).
     """
     _enable_compilation_cache()

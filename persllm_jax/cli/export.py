@@ -25,24 +25,35 @@ def _size(n: int) -> str:
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard merged weights above this size.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--push-to-hub", "repo_id", default=None, metavar="ORG/NAME", help="Upload OUT to this hub repo (token from HF_TOKEN).")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="ORG/NAME",
+              help="Upload OUT to this Hub repo (token: HF_TOKEN, else the `hf auth login` store; never printed).")
 @click.option("--private", is_flag=True, help="Create the hub repo as private.")
 @click.option("--dry-run", is_flag=True, help="With --push-to-hub: export and verify, list what would be uploaded, upload nothing.")
-def export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, repo_id, private, dry_run):
+@click.option("--eval", "eval_dir", default=None, type=click.Path(file_okay=False),
+              help="A `persllm eval --out` folder: its results for this run go into the model card (model-index).")
+@click.option("--no-progress", is_flag=True, help="No progress bar for the load / write / verify phases.")
+def export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, repo_id, private, dry_run, eval_dir,
+           no_progress):
     """Export RUN_DIR's trained model; the export is reloaded and its logits compared with ours before it appears
     at OUT (a mismatch exits non-zero and writes nothing).
 
     An SFT->DPO run exports as one model: merged, both stages folded in; peft, one adapter on the original
-    base whose rank is r_sft + r_dpo (the two updates stacked, scalings folded into B).
+    base whose rank is r_sft + r_dpo (the two updates stacked, scalings folded into B). That rank, `r` in
+    adapter_config.json, is what a LoRA server needs: vLLM serves the adapter over the base with
+    `--enable-lora --max-lora-rank N` (N >= r, one of 8, 16, 32, 64, ...); the command prints N.
+
+    The model card (README.md) records the base's Hub id, license and the personas' languages; with
+    --push-to-hub its usage snippet loads ORG/NAME.
     """
     from persllm_jax.export.driver import export as do_export
     from persllm_jax.export.hub import (
         HubError,
         check_repo_id,
+        hub_token,
         push,
-        token_from_env,
         upload_plan,
     )
+    from persllm_jax.export.peft import vllm_max_lora_rank
 
     if (private or dry_run) and not repo_id:
         raise HubError("--private and --dry-run go with --push-to-hub ORG/NAME")
@@ -50,13 +61,19 @@ def export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, repo_id, p
     if repo_id:
         check_repo_id(repo_id)
         if not dry_run:
-            token = token_from_env()  # fail before the export work, not after
-    result = do_export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, log=lambda s: click.echo(s, err=True))
+            token = hub_token()  # fail before the export work, not after
+    result = do_export(run_dir, out, fmt, dtype, step, max_shard_size, overwrite, log=lambda s: click.echo(s, err=True),
+                       repo_id=repo_id, eval_dir=eval_dir, progress=not no_progress)
     total = sum(n for _, n in upload_plan(result.out))
     ours = result.checks.get("export_vs_ours", {})
     click.echo(f"exported {fmt} ({result.dtype}) to {result.out}: {len(result.files)} files, {_size(total)}; "
                f"max |logit diff| vs our model {ours.get('max_abs_diff', float('nan')):.3g}, mean KL "
                f"{ours.get('mean_kl', float('nan')):.3g}; {result.seconds['total']:.1f} s")
+    if fmt == "peft":
+        import json
+
+        r = int(json.loads((result.out / "adapter_config.json").read_text())["r"])
+        click.echo(f"adapter rank r={r}; serve with vLLM: --enable-lora --max-lora-rank {vllm_max_lora_rank(r)}")
     if not repo_id:
         return
     if dry_run:

@@ -7,9 +7,15 @@ applied on the previous stage's merged weights, or full weights (full fine-tunin
 
 Formats:
   merged   every stage folded into the base; an HF directory (`model.safetensors`, or shards above
-           `max_shard_size` plus `model.safetensors.index.json`), config.json (architecture kept, `dtype`
-           recorded), tokenizer with chat template, generation_config.json, README.md model card.
-  peft     see peft.py: one adapter on the original base (an SFT->DPO chain is stacked into rank r1+r2).
+           `max_shard_size` plus `model.safetensors.index.json`), config.json (architecture kept, the dtype
+           recorded as `dtype` and `torch_dtype`), tokenizer with chat template (saved as
+           `PreTrainedTokenizerFast`), generation_config.json, README.md model card (model_card.py).
+  peft     see peft.py: one adapter on the original base (an SFT->DPO chain is stacked into rank r1+r2);
+           adapter_config.json's `r` is the `--max-lora-rank` a LoRA server (vLLM) needs.
+
+Compatibility: a merged export loads with transformers 5.x (the project's) and 4.57 (checked: 4.57.6 with
+huggingface_hub 0.36 and tokenizers 0.22 loads the model and tokenizer, chat template included, and gives our
+logits: max |diff| 1.2e-4 at logit scale 38 for SmolLM2-135M); 4.57 is the oldest checked. Older versions read `torch_dtype` and the fast tokenizer the same way.
 
 Every export is written into a temp directory next to OUT, reloaded with our own loader (no torch needed),
 its logits compared with our model's on a few prompts, and only then swapped in for OUT (persllm_jax/outputs.py:
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -51,8 +58,11 @@ def default_dtype(hf_config: dict) -> str:
 
 def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str | None = None,
            step: int | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD, overwrite: bool = False,
-           log=print) -> ExportResult:
-    """Export `run_dir` to `out` (see module doc)."""
+           log=print, repo_id: str | None = None, eval_dir: str | Path | None = None,
+           progress: bool = False) -> ExportResult:
+    """Export `run_dir` to `out` (see module doc). `repo_id`: the Hub repo the export is for (the card's usage
+    snippet loads it); `eval_dir`: a `persllm eval` output whose results go into the card; `progress`: a tqdm
+    bar of the phases (load, write, verify, card) on stderr when it is a terminal."""
     out = Path(out)
     if fmt not in ("merged", "peft"):
         raise ExportError(f"unknown format {fmt!r}: use merged or peft")
@@ -61,8 +71,12 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
     check_output(out, input_paths(run_dir))  # never the run, its parents or the base model
     check_replaceable(out, overwrite)  # and only a folder we wrote: checked before minutes of work
     max_bytes = parse_size(max_shard_size)
+    if eval_dir is not None and not Path(eval_dir).is_dir():
+        raise ExportError(f"--eval {eval_dir}: no such folder (give a `persllm eval --out` folder)")
+    bar = _phase_bar(progress)
     times = {}
     t0 = time.perf_counter()
+    bar("load")
     chain = load_chain(run_dir, step)
     dtype = dtype or default_dtype(chain.base.hf_config)
     times["load"] = time.perf_counter() - t0
@@ -70,18 +84,52 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "merged", dtype: str
     tmp = temp_beside(out)
     try:
         if fmt == "merged":
-            files, checks = export_merged(chain, tmp, dtype, max_bytes, times, log)
+            files, checks = export_merged(chain, tmp, dtype, max_bytes, times, log, bar)
         else:
-            files, checks = export_peft(chain, tmp, dtype, times, log)
-
-        write_model_card(tmp, chain, fmt, dtype, checks)
+            files, checks = export_peft(chain, tmp, dtype, times, log, bar)
+        bar("card")
+        write_model_card(tmp, chain, fmt, dtype, checks, repo_id=repo_id, local=str(out),
+                         eval_dir=Path(eval_dir) if eval_dir is not None else None)
         files = sorted(p.name for p in tmp.iterdir())
         replace_dir(tmp, out, overwrite, "export")
+        bar(None)
     finally:
+        bar.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     times["total"] = time.perf_counter() - t0
     return ExportResult(out, fmt, dtype, files, checks, times)
+
+
+PHASES = ("load", "write", "verify", "card")
+
+
+class _phase_bar:
+    """Called with each phase's name as it starts (None: done); a tqdm bar on stderr when enabled."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            # disable=None: only on a terminal, so a log file or a captured stderr keeps its one-line errors
+            self.bar = tqdm(total=len(PHASES), desc="export", unit="phase", file=sys.stderr, dynamic_ncols=True,
+                            disable=None)
+        self.done = 0
+
+    def __call__(self, name: str | None) -> None:
+        if self.bar is None:
+            return
+        target = PHASES.index(name) if name in PHASES else len(PHASES)  # phases before this one are done
+        if target > self.done:
+            self.bar.update(target - self.done)
+            self.done = target
+        if name:
+            self.bar.set_description(f"export: {name}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 __all__ = ["ExportError", "ExportResult", "export", "default_dtype"]

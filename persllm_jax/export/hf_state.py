@@ -90,9 +90,11 @@ def read_safetensors_dir(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def export_config(hf_config: dict, dtype: str) -> dict:
+    """config.json of a merged export: the base's, with the weights' dtype under both names, `dtype` (what
+    transformers >= 4.56 reads first and 5.x writes) and `torch_dtype` (all that older versions and tools read)."""
     cfg = {k: v for k, v in hf_config.items() if not k.startswith("_")}
     cfg["dtype"] = dtype
-    cfg.pop("torch_dtype", None)
+    cfg["torch_dtype"] = dtype
     import transformers
 
     cfg["transformers_version"] = transformers.__version__ if hasattr(transformers, "__version__") else cfg.get(
@@ -112,11 +114,12 @@ def generation_config(base: LoadedModel) -> dict:
 
 
 def save_tokenizer(spec: str, out_dir: Path):
-    from persllm_jax.model.weights import load_tokenizer
+    """The base's tokenizer and chat template, saved with a class name transformers 4.x and 5.x both load."""
+    from persllm_jax.model.weights import load_tokenizer, save_portable_tokenizer
 
     try:
         tok = load_tokenizer(spec)
     except Exception as e:
         raise ExportError(f"base model {spec}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
-    tok.save_pretrained(str(out_dir))
+    save_portable_tokenizer(tok, out_dir)
     return tok

@@ -18,8 +18,10 @@ from persllm_jax.model.weights import load_model
 from persllm_jax.runs import Chain, merged_params
 
 
-def export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: dict, log):
+def export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: dict, log,
+                  phase=lambda name: None):
     cfg = chain.base.cfg
+    phase("write")
     t = time.perf_counter()
     params = merged_params(chain)
     state = hf_state.hf_state_from_params(cfg, params, jnp_dtype(dtype))
@@ -29,6 +31,7 @@ def export_merged(chain: Chain, tmp: Path, dtype: str, max_bytes: int, times: di
     tok = hf_state.save_tokenizer(chain.base_spec, tmp)
     times["write"] = time.perf_counter() - t
 
+    phase("verify")
     t = time.perf_counter()
     # Reference logits first, then drop the in-memory copies before the export is reloaded (peak memory:
     # base + merged + one HF state, never a fourth copy).

