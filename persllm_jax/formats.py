@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,27 +129,38 @@ def _hub_off(datasets):
         datasets.config.HF_HUB_OFFLINE = old
 
 
+def hf_caches() -> tuple[str, str]:
+    """(hub cache, datasets cache) from the environment now, as huggingface_hub and datasets compute them at
+    import (HF_HUB_CACHE, HF_DATASETS_CACHE, else under HF_HOME), so a later HF_HOME is honoured too."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
+        "~/.cache")), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return os.path.expanduser(hub), os.path.expanduser(os.environ.get("HF_DATASETS_CACHE") or
+                                                       os.path.join(home, "datasets"))
+
+
 def _read_hub(spec: str, split: str) -> list[tuple[str, dict]]:
     repo, _, explicit = spec.partition(":")
     split = explicit or split
     label = f"{repo}:{split}"
     datasets = _need("datasets", f"{repo}: a Hub dataset")
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
+    hub_cache, ds_cache = hf_caches()
     try:
-        folder = snapshot_download(repo, repo_type="dataset", local_files_only=True)
+        folder = snapshot_download(repo, repo_type="dataset", cache_dir=hub_cache, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the hub cache (LocalEntryNotFoundError and kin)
         folder = None
     try:
         with _hub_off(datasets):
-            ds = datasets.load_dataset(folder or repo, split=split)
+            ds = datasets.load_dataset(folder or repo, split=split, cache_dir=ds_cache)
     except ValueError as e:
         if "split" in str(e).lower():
             raise InputError(f"{label}: no split {split!r} in the cached dataset ({e})") from None
         raise InputError(f"{label}: cannot read the cached dataset ({e})") from None
     except Exception:  # noqa: BLE001 - ConnectionError / FileNotFoundError: not in any local cache
-        raise InputError(f"{repo}: dataset not in the local Hugging Face cache (HF_HUB_CACHE="
-                         f"{constants.HF_HUB_CACHE}, datasets cache {datasets.config.HF_DATASETS_CACHE}); "
+        raise InputError(f"{repo}: dataset not in the local Hugging Face cache (hub cache {hub_cache}, "
+                         f"datasets cache {ds_cache}); "
                          f"download it with: hf download --repo-type dataset {repo}") from None
     return _rows_of(ds, label)
 
