@@ -207,7 +207,8 @@ def messages(value, where: str, key: str = "messages", need_assistant: bool = Tr
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise FormatError(f"{where}: {key}[{i}] must be {{\"role\": str, \"content\": str}}")
         if m["role"] not in ROLES:
-            raise FormatError(f"{where}: {key}[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+            raise FormatError(f"{where}: {key}[{i}] has unknown role {m['role']!r} "
+                              f"(expected one of {', '.join(ROLES)})")
         out.append({"role": m["role"], "content": m["content"]})
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         inside = "" if key == "messages" else f" in {key!r}"

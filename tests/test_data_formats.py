@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_dataset_dict_split_and_hub_split(tok, tmp_path, hf_home):
     d = _dataset_dict(tmp_path, CONV, hf_home)
     assert len(_sft(tok, data.corpus_file(d, "test"))) == 1
     hub_snapshot(hf_home, "org/name", CONV)
-    assert data.corpus_file("org/name", "test") == data.Path("org/name:test")
+    assert data.corpus_file("org/name", "test") == Path("org/name:test")
     with pytest.raises(InputError, match=r"org/name:test: no split 'test'"):
         data.load_examples(tok, data.corpus_file("org/name", "test"), 256)
 
@@ -261,7 +262,7 @@ def test_unknown_shapes_name_file_row_and_formats(tok, tmp_path):
 
 
 def test_missing_hub_dataset_gives_the_download_command(tok, hf_home):
-    assert data.corpus_file("org/absent") == data.Path("org/absent:train")
+    assert data.corpus_file("org/absent") == Path("org/absent:train")
     with pytest.raises(InputError, match=r"^org/absent: dataset not in the local Hugging Face cache .*"
                                          r"hf download --repo-type dataset org/absent$"):
         data.load_examples(tok, data.corpus_file("org/absent"), 256)

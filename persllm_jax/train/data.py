@@ -92,7 +92,8 @@ def eot_strings(tokenizer) -> set[str]:
     return out
 
 
-def assistant_spans(tokenizer, msgs: list[dict], where: str = "", train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, msgs: list[dict], where: str = "",
+                    train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """(full text, char spans to train): each assistant content (of messages[train_from:]) plus the end-of-turn
     marker that follows it."""
     full = _render(tokenizer, msgs, False)

@@ -4,8 +4,8 @@ Rows in any preference shape TRL reads, from any source (persllm_jax.formats): e
 (chosen/rejected only), conversational or standard (strings). Tokenisation follows TRL's DPOTrainer:
 completion = the tokens of render(prompt + chosen) after the common prefix with render(prompt,
 add_generation_prompt=True) (the prompt the shorter common prefix of the two); standard rows use no chat template
-(the tokenizer's own special tokens, EOS appended to each answer unless already there). Whole pairs are packed best-fit into rows of `max_length` tokens with
-at most K completion tokens and S pairs per row.
+(the tokenizer's own special tokens, EOS appended to each answer unless already there). Whole pairs are packed
+best-fit into rows of `max_length` tokens with at most K completion tokens and S pairs per row.
 """
 
 from __future__ import annotations
