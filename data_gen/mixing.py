@@ -1,9 +1,12 @@
 """General instruction data mixed into the SFT train file, with a repeat factor for persona rows (the
 paper repeated the persona data 5 times and mixed it with general data for one epoch).
 
-General data: a .jsonl file or a `datasets` folder (`Dataset.save_to_disk`). Accepted row shapes:
-{"messages": [...]}, UltraChat {"data": [user, assistant, ...]}, ShareGPT {"conversations":
-[{"from", "value"}]}, Alpaca {"instruction", "input"?, "output"}, {"prompt", "response"}."""
+General data: any source the trainer reads (persllm_jax.formats: .jsonl, .json, .parquet, a `datasets`
+save_to_disk folder, a cached Hub dataset id `org/name[:split]`). Accepted row shapes: TRL's conversational
+{"messages": [...]}, ShareGPT {"conversations": [{"from", "value"}]}, {"prompt", "completion"} (message lists,
+or strings: one user turn and one assistant turn), and also UltraChat {"data": [user, assistant, ...]}, Alpaca
+{"instruction", "input"?, "output"}, {"prompt", "response"}. A language-modeling {"text"} row has no turns to
+mix into a chat corpus and is refused."""
 
 from __future__ import annotations
 
@@ -12,60 +15,55 @@ from pathlib import Path
 
 from data_gen.annotate import stable_seed
 from data_gen.errors import DataGenError
-from persllm_jax.io import iter_jsonl
+from persllm_jax import formats
+from persllm_jax.errors import InputError
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+GENERAL_SHAPES = formats.SFT_SHAPES.replace('{"text": str}, ', "") + (
+    ', {"data": [user, assistant, ...]}, {"instruction", "input"?, "output"}, {"prompt", "response"}')
+
+
 def to_messages(row: dict, where: str) -> list[dict]:
-    if isinstance(row.get("messages"), list):
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
-    elif isinstance(row.get("data"), list):
-        msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(t)} for i, t in enumerate(row["data"])]
-    elif isinstance(row.get("conversations"), list):
-        msgs = []
-        for m in row["conversations"]:
-            role = _ROLES.get(str(m.get("from") or m.get("role")))
-            if role is None:
-                raise DataGenError(f"{where}: unknown speaker {m.get('from')!r}")
-            msgs.append({"role": role, "content": str(m.get("value") or m.get("content") or "")})
-    elif "instruction" in row and "output" in row:
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
-    elif "prompt" in row and "response" in row:
-        msgs = [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["response"])}]
-    else:
-        raise DataGenError(f"{where}: expected messages, data, conversations, instruction/output or prompt/response")
+    keys = formats.present(row)
+    try:
+        if keys & {"messages", "conversations"} or {"prompt", "completion"} <= keys:
+            shape = formats.sft_row(row, where)
+            msgs = shape[1] if shape[0] == "chat" else [{"role": "user", "content": shape[1]},
+                                                         {"role": "assistant", "content": shape[2]}]
+        elif isinstance(row.get("data"), list):
+            msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(t)}
+                    for i, t in enumerate(row["data"])]
+        elif "instruction" in keys and "output" in keys:
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
+        elif "prompt" in keys and "response" in keys:
+            msgs = [{"role": "user", "content": str(row["prompt"])},
+                    {"role": "assistant", "content": str(row["response"])}]
+        else:
+            what = "a language-modeling text row has no turns to mix" if "text" in keys else "unknown row shape"
+            raise DataGenError(f"{where}: {what} (keys: {', '.join(sorted(keys)) or 'none'}); accepted shapes: "
+                               f"{GENERAL_SHAPES}")
+    except InputError as e:
+        raise DataGenError(str(e)) from None
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise DataGenError(f"{where}: no assistant message")
     return msgs
 
 
 def load_general(spec: str, limit: int | None) -> list[list[dict]]:
-    p = Path(spec)
+    """Message lists of the general-instruction source `spec` (its train split), at most `limit` of them."""
     out = []
-    if p.is_file():
-        for where, row in iter_jsonl(p):
+    try:
+        for where, row in formats.iter_source(spec, "train"):
             out.append(to_messages(row, where))
             if limit and len(out) >= int(limit):
                 break
-    elif p.is_dir():
-        try:
-            import datasets
-        except ImportError:
-            raise DataGenError("mix.general: a datasets folder needs the datasets package") from None
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # noqa: BLE001 - the library raises several types
-            raise DataGenError(f"{p}: not a datasets folder ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        for i, row in enumerate(ds):
-            out.append(to_messages(row, f"{p}[{i}]"))
-            if limit and len(out) >= int(limit):
-                break
-    else:
-        raise DataGenError(f"mix.general: {p}: no such file or folder")
+    except DataGenError:
+        raise
+    except InputError as e:
+        raise DataGenError(f"mix.general: {e}") from None
     return out
 
 

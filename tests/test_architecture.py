@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("persllm_jax", "data_gen")
 
 # top-level modules of persllm_jax that every layer may use (they import nothing of ours but each other)
-FOUNDATION = ("persllm_jax", "persllm_jax.errors", "persllm_jax.io", "persllm_jax.settings", "persllm_jax.outputs")
+FOUNDATION = ("persllm_jax", "persllm_jax.errors", "persllm_jax.io", "persllm_jax.settings", "persllm_jax.outputs",
+              "persllm_jax.formats")
 
 # subpackage (or module) -> what it may import of ours, besides itself and FOUNDATION
 MAY_IMPORT = {

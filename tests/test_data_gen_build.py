@@ -231,7 +231,7 @@ def test_bad_input_errors_and_nothing_lost(tmp_path):
     bad.write_text('{"prompt": "p", "response": "r"}\n{"text": "no messages"}\n')
     rc, _, err = run_cli(["--personas", str(personas), "--out", str(out), "--annotator", "openai:x",
                           "--base-url", "http://127.0.0.1:9/v1", "--set", f"mix.general={bad}"])
-    assert rc == 2 and f"{bad}:2: expected messages" in err
+    assert rc == 2 and f"{bad}:2: a language-modeling text row has no turns to mix" in err and "accepted shapes" in err
     assert (out / "sft" / "train.jsonl").read_text() == '{"id": "earlier"}\n'
     assert sorted(p.name for p in out.rglob("*")) == ["sft", "train.jsonl"]
 

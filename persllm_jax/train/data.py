@@ -1,8 +1,16 @@
-"""SFT data: JSONL chat rows -> tokens with assistant masks -> packed rows with segment ids -> batches.
+"""SFT data: rows in any shape TRL reads -> tokens with trained-token masks -> packed rows with segment ids -> batches.
 
-- `read_rows` (persllm_jax.io's JSONL reader) names file, line and column in every error.
-- `tokenize_chat` renders with the tokenizer's chat template and marks as trained exactly the tokens of each
-  assistant message's content plus its end-of-turn token (found by rendering prefixes of the conversation).
+- `read_rows` reads any source of persllm_jax.formats (JSONL, JSON, parquet, a datasets folder, a cached Hub
+  dataset id); every error names the file and the row (JSONL: line and column).
+- Conversational rows (`messages`, ShareGPT `conversations`, message-list `prompt`/`completion`): `tokenize_chat`
+  renders with the tokenizer's chat template and marks as trained exactly the tokens of each assistant message's
+  content plus its end-of-turn token (found by rendering prefixes of the conversation); for prompt/completion
+  only the completion's assistant turns (TRL's completion-only loss; TRL would also train the template's text
+  after the end-of-turn token, e.g. the newline after <|im_end|>).
+- Standard (string) rows, as TRL's SFTTrainer: no chat template, the tokenizer's own special tokens, EOS
+  appended unless already there; `{"text"}` trains every token (language modeling), `{"prompt", "completion"}`
+  (strings) only the completion's tokens (after the common prefix of tokenize(prompt) and
+  tokenize(prompt + completion)).
 - `pack_rows` puts whole documents into rows of `max_length` (best-fit decreasing): segment ids 1, 2, ... per document (0 =
   padding), positions restarting at 0 per document; targets never cross a document boundary.
 - The stream of rows is a pure function of (seed, epoch), so the data position is a single integer (rows
@@ -17,15 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from persllm_jax.errors import InputError
-from persllm_jax.io import iter_jsonl
+from persllm_jax import formats
+from persllm_jax.formats import ROLES, FormatError
 
-ROLES = ("system", "user", "assistant", "tool")
 EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
-
-class DataError(InputError):
-    """Training data that cannot be used as it is; the message names the file and line."""
+DataError = FormatError  # training data that cannot be used as it is; the message names the file and row
 
 
 @dataclass
@@ -46,36 +51,33 @@ class DataStats:
 
 
 def corpus_file(path: str | Path, split: str = "train", section: str = "sft") -> Path:
-    """CORPUS_DIR/<section>/<split>.jsonl for a corpus folder, else `path` itself (a .jsonl file)."""
+    """CORPUS_DIR/<section>/<split>.jsonl for a corpus folder, else `path` itself: a data file, a datasets
+    folder (a DatasetDict folder: its `split`), or a cached Hub dataset id (`org/name[:split]`, kept as a Path
+    that read_rows parses back)."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not formats.is_saved_dataset(p):
         p = p / section / f"{split}.jsonl"
-    if not p.is_file():
-        raise DataError(f"{p}: no such file (expected CORPUS_DIR/{section}/{split}.jsonl or a .jsonl file)")
+    elif p.is_dir() and (p / "dataset_dict.json").is_file() and (p / split).is_dir():
+        p = p / split
+    elif not p.exists() and formats.is_hub_id(path):
+        return Path(str(path) if ":" in str(path) else f"{path}:{split}")
+    if not p.exists():
+        raise DataError(f"{p}: no such file (expected CORPUS_DIR/{section}/{split}.jsonl, a data file "
+                        f"({formats.SOURCES}))")
     return p
 
 
-def read_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """[("file:line", row)] of a corpus file (persllm_jax.io's reader: errors name file, line and column); an
-    empty file is an error."""
-    rows = list(iter_jsonl(path))
+def read_rows(path: str | Path, split: str = "train") -> list[tuple[str, dict]]:
+    """[("file:line" or "file[row]", row)] of a data source (persllm_jax.formats); an empty one is an error."""
+    rows = formats.read_source(path, split)
     if not rows:
         raise DataError(f"{path}: empty corpus (no rows)")
     return rows
 
 
 def check_messages(row: dict, where: str) -> list[dict]:
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: missing or empty \"messages\" list")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be {{\"role\": str, \"content\": str}}")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where}: conversation has no assistant turn (nothing to train on)")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    """The checked `messages` of a conversational row (roles known, an assistant turn present)."""
+    return formats.messages(row.get("messages"), where)
 
 
 def _render(tokenizer, msgs, gen_prompt: bool) -> str:
@@ -90,13 +92,15 @@ def eot_strings(tokenizer) -> set[str]:
     return out
 
 
-def assistant_spans(tokenizer, msgs: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """(full text, char spans to train): each assistant content plus the end-of-turn marker that follows it."""
+def assistant_spans(tokenizer, msgs: list[dict], where: str = "",
+                    train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """(full text, char spans to train): each assistant content (of messages[train_from:]) plus the end-of-turn
+    marker that follows it."""
     full = _render(tokenizer, msgs, False)
     eots = eot_strings(tokenizer)
     spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         prefix = _render(tokenizer, msgs[:i], True) if i else ""
         upto = _render(tokenizer, msgs[: i + 1], False)
@@ -120,8 +124,8 @@ def assistant_spans(tokenizer, msgs: list[dict], where: str = "") -> tuple[str, 
     return full, spans
 
 
-def tokenize_chat(tokenizer, msgs: list[dict], where: str = "") -> Example:
-    text, spans = assistant_spans(tokenizer, msgs, where)
+def tokenize_chat(tokenizer, msgs: list[dict], where: str = "", train_from: int = 0) -> Example:
+    text, spans = assistant_spans(tokenizer, msgs, where, train_from)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.zeros(len(ids), bool)
@@ -131,13 +135,37 @@ def tokenize_chat(tokenizer, msgs: list[dict], where: str = "") -> Example:
     return Example(ids, mask, where)
 
 
+def _with_eos(tokenizer, text: str) -> str:
+    eos = tokenizer.eos_token or ""
+    return text if text.endswith(eos) else text + eos
+
+
+def tokenize_row(tokenizer, row: dict, where: str = "") -> Example:
+    """One SFT row of any accepted shape (see the module docstring for what is trained)."""
+    shape = formats.sft_row(row, where)
+    if shape[0] == "chat":
+        _, msgs, train_from = shape
+        return tokenize_chat(tokenizer, msgs, where, train_from)
+    if shape[0] == "text":
+        ids = np.asarray(tokenizer(_with_eos(tokenizer, shape[1]))["input_ids"], np.int32)
+        return Example(ids, np.ones(len(ids), bool), where)
+    _, prompt, completion = shape
+    p = list(tokenizer(prompt)["input_ids"])
+    full = list(tokenizer(_with_eos(tokenizer, prompt + completion))["input_ids"])
+    n = 0
+    while n < min(len(p), len(full)) and p[n] == full[n]:
+        n += 1
+    mask = np.zeros(len(full), bool)
+    mask[n:] = True
+    return Example(np.asarray(full, np.int32), mask, where)
+
+
 def load_examples(tokenizer, path: str | Path, max_length: int) -> tuple[list[Example], DataStats]:
     rows = read_rows(path)
     stats = DataStats()
     out = []
     for where, row in rows:
-        msgs = check_messages(row, where)
-        ex = tokenize_chat(tokenizer, msgs, where)
+        ex = tokenize_row(tokenizer, row, where)
         stats.conversations += 1
         if len(ex.ids) > max_length:
             stats.truncated += 1
@@ -236,5 +264,6 @@ def batches(examples, max_length: int, rows_per_step: int, seed: int, start_row:
         yield batch, start_row
 
 
-__all__ = ["DataError", "Example", "DataStats", "corpus_file", "read_rows", "check_messages", "tokenize_chat",
+__all__ = ["ROLES", "DataError", "Example", "DataStats", "corpus_file", "read_rows", "check_messages", "tokenize_chat",
+           "tokenize_row",
            "assistant_spans", "load_examples", "pack_rows", "epoch_rows", "batches"]

@@ -1,8 +1,11 @@
 """DPO data: preference rows -> pairs of token ids -> shared-prompt packed rows (see train/dpo.py for the layout).
 
-Tokenisation follows TRL: completion = the tokens of render(prompt + chosen) after the common prefix with
-render(prompt, add_generation_prompt=True). Whole pairs are packed best-fit into rows of `max_length` tokens with
-at most K completion tokens and S pairs per row.
+Rows in any preference shape TRL reads, from any source (persllm_jax.formats): explicit prompt, implicit prompt
+(chosen/rejected only), conversational or standard (strings). Tokenisation follows TRL's DPOTrainer:
+completion = the tokens of render(prompt + chosen) after the common prefix with render(prompt,
+add_generation_prompt=True) (the prompt the shorter common prefix of the two); standard rows use no chat template
+(the tokenizer's own special tokens, EOS appended to each answer unless already there). Whole pairs are packed
+best-fit into rows of `max_length` tokens with at most K completion tokens and S pairs per row.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from persllm_jax.io import iter_jsonl
-from persllm_jax.train.data import DataError, check_messages, corpus_file
+from persllm_jax import formats
+from persllm_jax.train.data import DataError, corpus_file
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch")
 COMP_KEYS = ("comp_src", "comp_tgt", "comp_w", "comp_seq")
@@ -51,27 +54,18 @@ class PairStats:
 
 
 def dpo_file(path: str | Path, split: str = "train") -> Path:
-    """CORPUS_DIR/dpo/<split>.jsonl, or `path` itself (a .jsonl file of pairs)."""
+    """CORPUS_DIR/dpo/<split>.jsonl, or `path` itself (a data file, datasets folder or Hub id: see corpus_file)."""
     return corpus_file(path, split, "dpo")
-
-
-def _messages(row: dict, key: str, where: str, need_assistant: bool) -> list[dict]:
-    value = row.get(key)
-    if isinstance(value, str) and key != "prompt":
-        value = [{"role": "assistant", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: missing or empty {key!r} message list")
-    try:
-        msgs = check_messages({"messages": value + ([] if need_assistant else [{"role": "assistant", "content": ""}])},
-                              where)
-    except DataError as e:
-        raise DataError(str(e).replace("messages[", f"{key}[")) from None
-    return msgs if need_assistant else msgs[:-1]
 
 
 def _ids(tokenizer, msgs, gen: bool) -> list[int]:
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _with_eos(tokenizer, text: str) -> str:
+    eos = tokenizer.eos_token or ""
+    return text if text.endswith(eos) else text + eos
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -85,10 +79,14 @@ def _common(a: list[int], b: list[int]) -> int:
 
 def tokenize_pair(tokenizer, row: dict, index: int, where: str = "") -> Pair:
     """TRL's split: prompt = common prefix of the prompt (with generation prompt) and each full rendering."""
-    prompt = _messages(row, "prompt", where, False)
-    chosen, rejected = _messages(row, "chosen", where, True), _messages(row, "rejected", where, True)
-    p = _ids(tokenizer, prompt, True)
-    pc, pr = _ids(tokenizer, prompt + chosen, False), _ids(tokenizer, prompt + rejected, False)
+    kind, prompt, chosen, rejected = formats.pref_row(row, where)
+    if kind == "chat":
+        p = _ids(tokenizer, prompt, True)
+        pc, pr = _ids(tokenizer, prompt + chosen, False), _ids(tokenizer, prompt + rejected, False)
+    else:
+        tok = lambda text: list(tokenizer(text)["input_ids"])  # noqa: E731
+        p = tok(prompt)
+        pc, pr = tok(prompt + _with_eos(tokenizer, chosen)), tok(prompt + _with_eos(tokenizer, rejected))
     n = min(_common(p, pc), _common(p, pr))
     as_np = lambda x: np.asarray(x, np.int32)  # noqa: E731
     return Pair(as_np(p[:n]), as_np(pc[n:]), as_np(pr[n:]), index, where)
@@ -114,7 +112,7 @@ def fit_pair(pair: Pair, max_length: int) -> Pair | None:
 
 def load_pairs(tokenizer, path: str | Path, max_length: int) -> tuple[list[Pair], PairStats]:
     stats, out = PairStats(), []
-    for i, (where, row) in enumerate(iter_jsonl(path)):
+    for i, (where, row) in enumerate(formats.read_source(path)):
         pair = tokenize_pair(tokenizer, row, i, where)
         stats.pairs += 1
         fitted = fit_pair(pair, max_length)
