@@ -105,6 +105,7 @@ def unrolled_scans():
         jax.lax.scan = orig
 
 
+UNLIMITED_HBM_MIB = 1 << 24  # 16 TiB: libtpu's HBM size for the costs-only compiles (their memory is not the plan's)
 DPO_PAIRS_PER_ROW = 8  # S of the planned DPO batch; the completion budget K is max_length (the worst case)
 
 
@@ -179,7 +180,9 @@ def layer_extrapolated_cost(stage: str, cfg, devices, mcfg) -> dict:
         a = abstract_stage(stage, cfg, devices, dataclasses.replace(mcfg, num_layers=n))
         with unrolled_scans():
             lowered = a["step_fn"].lower(a["state"], a["frozen"], a["batch"])
-        costs.append(_cost(lowered.compile()))
+        # unrolled, every iteration's buffers can be live at once: the compiler would refuse a program that the
+        # rolled step (compiled against the real HBM) fits, so this costs-only compile gets an HBM without limit
+        costs.append(_cost(lowered.compile(compiler_options={"xla_tpu_max_hbm_size_mib": UNLIMITED_HBM_MIB})))
     if len(costs) == 1:
         return costs[0]
     one, two = costs
