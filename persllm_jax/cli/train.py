@@ -70,7 +70,7 @@ def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print
 
 def _aliases_epilog(cls) -> str:
     """`--help`'s last paragraph: the TRL / PEFT key names accepted (settings.py stores them under ours)."""
-    return ("\b\nTRL / PEFT names accepted as aliases (stored under ours; give one name per key):\n"
+    return ("TRL / PEFT names accepted as aliases (stored under ours; give one name per key): "
             + alias_help(cls))
 
 
