@@ -10,8 +10,10 @@ import shutil
 import jax
 import jax.numpy as jnp
 import pytest
+from click.testing import CliRunner
 
 from chat_fixtures import tiny_model_dir, write_corpus
+from persllm_jax.cli import main
 from persllm_jax.model.weights import load_model, load_tokenizer
 from persllm_jax.train import data as data_mod
 from persllm_jax.train import dpo, sft
@@ -66,6 +68,14 @@ def test_sft_eval_resumes_like_uninterrupted(tiny, tmp_path):
     assert sorted(full) == [2, 4] and full[2] > full[4]
     assert cut == pytest.approx(full, rel=1e-5)
     assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4]  # the rows after step 2 logged once
+    result = CliRunner().invoke(main, ["plot", str(tmp_path / "full"), "--out", str(tmp_path / "png")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["loss.png", "lr.png"]
+    assert (tmp_path / "png" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["plot", str(empty)])
+    assert result.exit_code == 1 and "no training metrics to plot" in result.output
 
 
 def test_sft_eval_without_held_out_data_is_an_error(tiny, tmp_path):
