@@ -299,7 +299,7 @@ class Pipeline:
         e = self.cfg["eval"]
         try:
             res = evaluate(self.cfg["model"], runs, str(self.corpus), str(out), judge=e["judge"], base_url=e["base_url"],
-                           config=str(conf), personas_dir=self.cfg["personas"], log=self.log)
+                           config=str(conf), personas_dir=self.cfg["personas"], log=self.log, progress=self.progress)
         except PersllmError as err:
             raise ReproduceError(f"eval: {err}") from None
         return {name: headline(s) for name, s in res["systems"].items()}, ["eval/results.json", "eval/report.md"]
