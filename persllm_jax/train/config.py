@@ -66,7 +66,7 @@ class TrainConfig:
     shuffle: bool = _f(True, "shuffle_dataset")
     seed: int = 0
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master weights and loss stay fp32)
-    remat: bool = _f(False, "gradient_checkpointing")
+    remat: bool = _f(False, "gradient_checkpointing", "activation_checkpointing")  # transformers 5 renames it
     attention: str = "auto"  # auto | flash | splash | cudnn | reference (persllm_jax/model/attention.py)
     save_every: int = _f(0, "save_steps")  # 0 = only at the end
     keep_checkpoints: int = _f(3, "save_total_limit")
