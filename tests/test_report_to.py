@@ -44,9 +44,10 @@ def _train(tiny, run_dir, *sets):
 
 
 def read_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} of every event file under `folder`: TFRecord framing (length, crc, data, crc)
-    decoded with tensorboardX's Event proto, so the files are what TensorBoard itself reads."""
-    from tensorboardX.proto.event_pb2 import Event
+    """{tag: [(step, value)]} of every event file under `folder`, in file order: TFRecord framing (length, crc,
+    data, crc) decoded with tensorboardX's Event proto, so the files are what TensorBoard itself reads. As
+    TensorBoard does, a session START at step s (a resumed writer's purge_step) drops the events of steps >= s."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(folder.rglob("events.out.tfevents.*")):
@@ -56,6 +57,8 @@ def read_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
             (n,) = struct.unpack("<Q", data[i:i + 8])
             ev = Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+                out = {tag: [(s, v) for s, v in vals if s < ev.step] for tag, vals in out.items()}
             for v in ev.summary.value:
                 if v.HasField("simple_value"):
                     out.setdefault(v.tag, []).append((ev.step, v.simple_value))
@@ -82,10 +85,17 @@ def test_tensorboard_events_hold_loss_lr_and_eval_loss(tiny, tmp_path):
 
 def test_tensorboard_resume_keeps_each_step_once(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    _train(tiny, run_dir, "steps=2", "save_every=1", "report_to=[tensorboard]")
-    _train(tiny, run_dir, "steps=4", "save_every=1", "report_to=[tensorboard]")
+    sets = ("steps=4", "save_every=2", "report_to=[tensorboard]", "learning_rate=1e-2")
+    _train(tiny, run_dir, *sets)
+    first = {s: v for s, v in read_events(run_dir / "tensorboard")["loss"]}
+    shutil.rmtree(run_dir / "checkpoints" / "4")  # as if killed after logging steps 3 and 4: resumes from step 2
+    _train(tiny, run_dir, *sets)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # a new event file
     ev = read_events(run_dir / "tensorboard")
-    assert sorted(s for s, _ in ev["loss"]) == [1, 2, 3, 4]
+    assert [s for s, _ in ev["loss"]] == [1, 2, 3, 4]  # steps 3 and 4 of the first run purged, logged again
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert dict(ev["loss"]) == pytest.approx({r["step"]: r["loss"] for r in rows}, rel=1e-6) == first
     assert len([k for k in ev if k.startswith("config")]) == 1  # the config is logged once per run, not per resume
 
 

@@ -64,6 +64,10 @@ def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print
         return
     figures = (f"MFU {100 * last['mfu']:.1f}%" if kind == "sft" else
                f"reward accuracy {last['reward_accuracy']:.3f}, margin {last['reward_margin']:.4f}")
+    if "eval_loss" in last:
+        figures += f", eval_loss {last['eval_loss']:.4f}"
+        if "eval_reward_accuracy" in last:
+            figures += f", eval reward accuracy {last['eval_reward_accuracy']:.3f}"
     click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, {figures}; "
                f"checkpoints in {run_dir / 'checkpoints'}")
 

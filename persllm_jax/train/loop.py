@@ -186,7 +186,9 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
                     if reporters is not None:
                         reporters.log(done, last)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                        extra = {"eval_loss": f"{last['eval_loss']:.4f}"} if "eval_loss" in last else {}
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%",
+                                        **extra)
                     t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
                 if bar is not None:
                     bar.update(1)

@@ -5,7 +5,7 @@ A backend is a tiny object: `open(run_dir, cfg, start)`, `log(step, metrics)`, `
 are imported only when their backend is enabled, and `check` finds a missing one before training starts (one
 line with the pip command). The resolved config is logged once per run (TensorBoard: a text summary of its
 YAML; W&B: `config=`). Resume: metrics.jsonl is trimmed by the loop; TensorBoard purges the events after the
-resumed step (`purge_step`); W&B continues the same run id (kept in RUN_DIR/wandb_run_id).
+checkpoint resumed from (`purge_step`); W&B continues the same run id (kept in RUN_DIR/wandb_run_id).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from persllm_jax import settings
 from persllm_jax.errors import PersllmError
+from persllm_jax.io import atomic_write_text
 
 EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}  # backend: (module, extra)
 SKIP = ("step", "data_position")  # bookkeeping in metrics.jsonl, not curves
@@ -63,7 +64,8 @@ class TensorBoard:
     def open(self, run_dir: Path, cfg, start: int) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"), purge_step=start or None)
+        # resumed after step `start`: TensorBoard drops the earlier events of steps > start (logged again now)
+        self.writer = SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"), purge_step=start + 1 if start else None)
         if not start:
             self.writer.add_text("config", "```yaml\n" + settings.dump(cfg) + "```", 0)
 
@@ -84,7 +86,7 @@ class WandB:
         run_dir = Path(run_dir)
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
+        atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "persllm"), name=run_dir.name, id=run_id,
                               resume="allow", dir=os.environ.get("WANDB_DIR") or str(run_dir),
                               config=settings.to_dict(cfg))
