@@ -301,9 +301,10 @@ def read_probes(path) -> list[dict]:
 
 
 def build_probes(personas, builder: str = "rules", backend=None, max_per_cell: int = 5, seed: int = 0,
-                 max_future_per_cell: int | None = 15) -> tuple[list[dict], list[dict]]:
+                 max_future_per_cell: int | None = 15, progress: bool = False) -> tuple[list[dict], list[dict]]:
     """(rows, rejected) for a personas folder (or loaded personas); builder: rules | annotator (which writes the
-    question and answers for the rule builder's seeds, data_gen/probes_llm.py)."""
+    question and answers for the rule builder's seeds, data_gen/probes_llm.py; `progress`: a bar over its
+    requests, the one long phase)."""
     if isinstance(personas, (str, Path)):
         personas = load_personas(Path(personas))
     if builder == "rules":
@@ -316,7 +317,7 @@ def build_probes(personas, builder: str = "rules", backend=None, max_per_cell: i
         origin = f"llm:{backend.identity.get('model')}"
         seeded = [(_probe(p, kind, asked, fact, x, origin), fact.label) for p in personas
                   for kind, asked, fact, x in seeds(p, max_per_cell, seed, max_future_per_cell)]
-        return llm_probes(seeded, backend, seed)
+        return llm_probes(seeded, backend, seed, progress=progress)
     raise DataGenError(f"probes.builder: {builder!r} is not rules, annotator or auto")
 
 

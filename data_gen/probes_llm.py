@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 
 from data_gen.backends import Request
 
@@ -53,10 +54,10 @@ def parse_llm_probe(text: str | None) -> tuple[dict | None, str | None]:
 
 
 def llm_probes(seeded: list[tuple[dict, str]], backend, seed: int = 0, temperature: float = 0.7,
-               max_tokens: int = 256) -> tuple[list[dict], list[dict]]:
+               max_tokens: int = 256, progress: bool = False) -> tuple[list[dict], list[dict]]:
     """Probes written by the annotator: (rows, rejected {id, reason}). `seeded`: (the rule builder's probe, the
     label of its fact's stage) pairs; a row keeps its id, stage, kind and source and takes the annotator's
-    question and answers."""
+    question and answers. `progress`: a tqdm bar on stderr over the annotator's requests."""
     plan = {}
     for row, fact_label in seeded:
         src = row["source"]
@@ -66,8 +67,17 @@ def llm_probes(seeded: list[tuple[dict, str]], backend, seed: int = 0, temperatu
         request_seed = int(hashlib.sha256(f"{seed}\x00probe\x00{row['id']}".encode()).hexdigest()[:8], 16)
         plan[row["id"]] = (row, Request(row["id"], ({"role": "user", "content": msg},), max_tokens, temperature, 0.95,
                                         request_seed))
+    from tqdm import tqdm
+
     replies: dict = {}
-    backend.run([q for _, q in plan.values()], lambda req, res: replies.__setitem__(req.key, res) or None)
+    with tqdm(total=len(plan), desc="probes", unit="request", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+
+        def done(req, res):
+            replies[req.key] = res
+            bar.update(1)
+
+        backend.run([q for _, q in plan.values()], done)
     rows, rejected = [], []
     for row, _ in plan.values():
         res = replies.get(row["id"])

@@ -9,7 +9,10 @@ default takes any value. The rules are the same for both:
   with the key's name;
 - `--set key=VALUE` parses VALUE as YAML; `--set key=` (nothing after `=`) gives the key's empty value: `""`
   for a string, `[]` for a list, `{}` for a mapping, `None` where `None` is allowed, an error otherwise;
-- `whole` keys of a mapping schema are replaced as a whole by a file or `--set` rather than merged key by key.
+- `whole` keys of a mapping schema are replaced as a whole by a file or `--set` rather than merged key by key;
+- a dataclass field may accept other names (TRL's, PEFT's): `field(metadata={"aliases": ("max_steps",)})`, or
+  on a section field a mapping `{"lora_r": "rank"}` from top-level names to keys inside it. An alias is stored
+  under our name (so `--print-config` and errors show ours); giving both names at once is an error.
 
 Imports only the standard library, yaml and the error base, so data_gen uses it too.
 """
@@ -155,6 +158,68 @@ def _fields(cls) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# --- aliases (other tools' names for our keys) ------------------------------------------------------
+
+
+def _alias_map(cls) -> dict[str, str]:
+    """{alias: our key relative to `cls`} from the fields' `aliases` metadata (see the module docstring)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        names = f.metadata.get("aliases", ())
+        if isinstance(names, dict):  # a section field: top-level names for keys inside the section
+            out.update({alias: f"{f.name}.{inner}" for alias, inner in names.items()})
+        else:
+            out.update({alias: f.name for alias in names})
+    return out
+
+
+def aliases(schema, prefix: str = "") -> dict[str, str]:
+    """Every {dotted alias: our dotted key} of a dataclass schema (for `--help` and `canonical_key`)."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    out = {prefix + a: prefix + k for a, k in _alias_map(cls).items()}
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(aliases(tp, f"{prefix}{name}."))
+    return out
+
+
+def canonical_key(schema, key: str) -> str:
+    """Our name for the dotted `key` (itself when it is not an alias)."""
+    return aliases(schema).get(key, key)
+
+
+def alias_help(schema) -> str:
+    """One line for `--help`: the other names accepted, as `alias -> ours`."""
+    table = aliases(schema)
+    return ", ".join(f"{a} -> {k}" for a, k in table.items())
+
+
+def _canonical(over: dict, cls, where: str, prefix: str) -> dict:
+    """`over` with the aliases of `cls`'s fields renamed to ours; an alias given with its key is an error."""
+    amap = _alias_map(cls)
+    if not any(name in amap for name in over):
+        return over
+    out = {k: v for k, v in over.items() if k not in amap}
+    for name, value in over.items():
+        if name not in amap:
+            continue
+        target = amap[name]
+        head, _, leaf = target.partition(".")
+        dst, key = out, target
+        if leaf:
+            section = out.get(head, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{where}: section {prefix}{head} must be a mapping, got {section!r}")
+            dst, key = dict(section), leaf
+            out[head] = dst
+        if key in dst:
+            raise ConfigError(f"{where}: {prefix}{name} is another name for {prefix}{target}; give only one of them")
+        dst[key] = value
+    return out
+
+
 # --- applying a mapping onto a config ---------------------------------------------------------------
 
 
@@ -187,6 +252,7 @@ def apply(cfg, over, where: str, prefix: str = "", whole=(), open_sections=()):
         raise ConfigError(f"{where}: section {prefix.rstrip('.') or '<top>'} must be a mapping, got {over!r}")
     if dataclasses.is_dataclass(cfg):
         fields = _fields(type(cfg))
+        over = _canonical(over, type(cfg), where, prefix)
         for name, value in over.items():
             key = f"{prefix}{name}"
             if name not in fields:
@@ -246,7 +312,15 @@ def load(schema, path: str | Path | None = None, sets=(), base: dict | None = No
         apply(cfg, base, "config", whole=whole, open_sections=open_sections)
     if path:
         apply(cfg, read_file(path), str(path), whole=whole, open_sections=open_sections)
-    for key, value in parse_set(sets):
+    items = parse_set(sets)
+    if dataclasses.is_dataclass(cfg):  # `--set grad_accum=2 --set gradient_accumulation_steps=4`: which one?
+        spelled: dict[str, str] = {}
+        for key, _ in items:
+            first = spelled.setdefault(canonical_key(cfg, key), key)
+            if first != key:
+                raise ConfigError(f"--set {key}: {first} and {key} name the same key "
+                                  f"({canonical_key(cfg, key)}); give only one of them")
+    for key, value in items:
         apply(cfg, nest(key, value), f"--set {key}", whole=whole, open_sections=open_sections)
     return cfg
 
@@ -262,5 +336,5 @@ def dump(cfg) -> str:
 
 PRINT_CONFIG_HELP = "Print the resolved config (every key with its value) as YAML and exit."
 
-__all__ = ["ConfigError", "EMPTY", "parse_set", "nest", "coerce", "valid_keys", "apply", "deep_merge", "read_file",
+__all__ = ["ConfigError", "EMPTY", "parse_set", "nest", "coerce", "valid_keys", "aliases", "canonical_key", "alias_help", "apply", "deep_merge", "read_file",
            "load", "to_dict", "dump", "PRINT_CONFIG_HELP"]

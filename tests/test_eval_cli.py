@@ -137,6 +137,8 @@ def test_eval_command_end_to_end(tmp_path, judge_server, monkeypatch):
                                     "--data", str(corpus), "--out", str(out), "--judge", "openai:fixed", "--base-url", url,
                                     "--config", str(conf), "--personas", str(corpus / "personas")])
     assert res.exit_code == 0, res.output + repr(res.exception)
+    for bar in ("eval SFT: answers", "eval SFT+DPO: Big Five", "eval judge"):  # progress on stderr
+        assert bar in res.stderr, bar
     r = json.loads((out / "results.json").read_text())
     assert list(r["systems"]) == ["base+prompt", "SFT", "SFT+DPO"]
     for name, s in r["systems"].items():

@@ -59,11 +59,13 @@ def _register():
     from persllm_jax.cli.export import export
     from persllm_jax.cli.generate import generate
     from persllm_jax.cli.plan import plan_command
+    from persllm_jax.cli.plot import plot_cmd
     from persllm_jax.cli.reproduce import reproduce_cmd
     from persllm_jax.cli.serve import serve
     from persllm_jax.cli.train import train
 
-    for command in (generate, data, train, export, serve, chat, simulate, eval_cmd, plan_command, reproduce_cmd):
+    for command in (generate, data, train, export, serve, chat, simulate, eval_cmd, plan_command, plot_cmd,
+                    reproduce_cmd):
         main.add_command(command)
 
 

@@ -71,8 +71,9 @@ def build_cmd(personas_dir, out_dir, annotator, config_file, sets, base_url, cac
               help="Probes per persona, kind, asked stage and fact stage.")
 @click.option("--max-future-per-cell", default=15, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr (the annotator's requests).")
 def probes_cmd(personas_dir, timechara, out_file, annotator, base_url, cache_dir, max_per_cell, max_future_per_cell,
-               seed):
+               seed, no_progress):
     """Point-in-time probes (future, past-absence, past-presence, past-only) from persona folders.
 
     The schema of probes.jsonl: data_gen/README.md. Exits 2 on bad input, 3 when annotator requests failed
@@ -100,7 +101,7 @@ def probes_cmd(personas_dir, timechara, out_file, annotator, base_url, cache_dir
                 cache = Path(cache_dir) if cache_dir else Path(out_file).parent / "probes_cache"
                 backend = make_backend(annotator, base_url, DEFAULTS["annotator"], cache)
             rows, rejected = probes.build_probes(personas_dir, "annotator" if annotator else "rules", backend,
-                                                 max_per_cell, seed, max_future_per_cell)
+                                                 max_per_cell, seed, max_future_per_cell, progress=not no_progress)
         write_jsonl(out_file, rows)
     except PersllmError as e:
         click.echo(f"error: {e}", err=True)

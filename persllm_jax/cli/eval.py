@@ -26,8 +26,10 @@ from persllm_jax.settings import PRINT_CONFIG_HELP
 @click.option("--probes", "probes", multiple=True, type=click.Path(dir_okay=False),
               help="Point-in-time probe file (ours or TimeChara JSON/JSONL; repeatable). Default: the corpus's "
                    "probes.jsonl and controls.jsonl.")
+@click.option("--no-progress", is_flag=True, help="No progress bars on stderr (answers, Big Five, judge).")
 @click.pass_context
-def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, sets, print_config, personas, no_base, probes):
+def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, sets, print_config, personas, no_base, probes,
+             no_progress):
     """Distinction (BLEU), precision and anti-induction (LLM judge), Big Five (option likelihood), style,
     point-in-time consistency (probes: judge-free likelihoods, judged with --judge), report.
 
@@ -47,7 +49,7 @@ def eval_cmd(ctx, model, runs, data, out, judge, base_url, config, sets, print_c
     if not data or not out:
         raise click.UsageError("--data and --out are required")
     evaluate(model, list(runs), data, out, judge=judge, base_url=base_url, config=config, personas_dir=personas,
-             with_base=not no_base, sets=sets, probes=list(probes))
+             with_base=not no_base, sets=sets, probes=list(probes), progress=not no_progress)
 
 
 @eval_cmd.command("compare")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from persllm_jax.settings import PRINT_CONFIG_HELP, ConfigError, dump, read_file
+from persllm_jax.settings import PRINT_CONFIG_HELP, ConfigError, alias_help, canonical_key, dump, read_file
 from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
 from persllm_jax.train.preemption import PREEMPTED_EXIT, Preempted
 
@@ -28,7 +28,7 @@ def resolve_config(cls, run_dir: Path, config_file, sets, resume: bool, cli: dic
     if has_ckpt and saved.is_file():
         base = read_file(saved)
     cfg = load_config(cls, config_file, sets, base=base)
-    set_keys = {item.split("=", 1)[0].strip() for item in sets}
+    set_keys = {canonical_key(cls, item.split("=", 1)[0].strip()) for item in sets}
     for key, value in cli.items():
         if value is not None and key not in set_keys:
             setattr(cfg, key, value)
@@ -64,8 +64,18 @@ def _train(kind, cls, run_dir: Path, config_file, sets, resume, cli: dict, print
         return
     figures = (f"MFU {100 * last['mfu']:.1f}%" if kind == "sft" else
                f"reward accuracy {last['reward_accuracy']:.3f}, margin {last['reward_margin']:.4f}")
+    if "eval_loss" in last:
+        figures += f", eval_loss {last['eval_loss']:.4f}"
+        if "eval_reward_accuracy" in last:
+            figures += f", eval reward accuracy {last['eval_reward_accuracy']:.3f}"
     click.echo(f"done: step {last['step']}, loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, {figures}; "
                f"checkpoints in {run_dir / 'checkpoints'}")
+
+
+def _aliases_epilog(cls) -> str:
+    """`--help`'s last paragraph: the TRL / PEFT key names accepted (settings.py stores them under ours)."""
+    return ("TRL / PEFT names accepted as aliases (stored under ours; give one name per key): "
+            + alias_help(cls))
 
 
 def _run_options(example_set: str):
@@ -90,7 +100,7 @@ def _run_options(example_set: str):
     return apply
 
 
-@train.command("sft")
+@train.command("sft", epilog=_aliases_epilog(TrainConfig))
 @click.option("--model", "model", default=None, help="HF dir, .gguf file or `smollm2` (default: from config).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads sft/train.jsonl) or a .jsonl file.")
 @_run_options("lora.rank=8")
@@ -98,14 +108,15 @@ def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
     """Supervised fine-tuning on CORPUS/sft/train.jsonl; loss on assistant tokens only.
 
     Config keys: model, data, steps, epochs, batch_size, grad_accum, learning_rate, max_length, packing, dtype,
-    remat, save_every, lora.{enabled, rank, alpha, dropout, targets}, mesh.{data, fsdp, tensor}, ...;
+    remat, save_every, report_to (jsonl, tensorboard, wandb), eval_every, eval_data,
+    lora.{enabled, rank, alpha, dropout, targets}, mesh.{data, fsdp, tensor}, ...;
     `--print-config` prints them all with their values.
     """
     _train("sft", TrainConfig, Path(out), config_file, sets, resume, {"model": model, "data": data}, print_config,
            no_progress)
 
 
-@train.command("dpo")
+@train.command("dpo", epilog=_aliases_epilog(DPOConfig))
 @click.option("--model", "model", default=None, help="Base model (HF dir, .gguf or `smollm2`) when there is no --from.")
 @click.option("--from", "from_run", default=None, type=click.Path(file_okay=False),
               help="SFT RUN_DIR: its adapter is merged into the base, which is also the reference (omit: DPO on the base).")
@@ -115,7 +126,7 @@ def dpo(model, from_run, data, out, config_file, sets, resume, no_progress, prin
     """Direct preference optimisation on CORPUS/dpo/train.jsonl (prompt / chosen / rejected).
 
     Config keys: those of `train sft` plus from_run, from_step, beta, loss_type (sigmoid | ipo | hinge),
-    label_smoothing, nll_weight, precompute_ref; `--print-config` prints them all with their values.
+    label_smoothing, nll_weight, precompute_ref, eval_fraction; `--print-config` prints them all with their values.
     """
     _train("dpo", DPOConfig, Path(out), config_file, sets, resume,
            {"model": model, "data": data, "from_run": from_run}, print_config, no_progress)

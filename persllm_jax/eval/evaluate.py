@@ -51,12 +51,20 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def progress_bar(desc: str, total: int, on: bool = True):
+    """A tqdm bar on stderr for one long phase (answers, Big Five, judge); a silent one when `on` is False."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, disable=not on, dynamic_ncols=True)
+
+
 def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str | None = None, base_url: str | None = None,
              config: str | None = None, personas_dir: str | None = None, with_base: bool = True, log=_log,
-             sets=(), probes: list[str] | None = None) -> dict:
+             sets=(), probes: list[str] | None = None, progress: bool = True) -> dict:
     """Evaluate the base model with a persona prompt (unless `with_base` is False) and each run (NAME=RUN_DIR
     names it) on the corpus at `data`; writes OUT/results.json, report.md, plots and answers. `probes`: point-in-time
-    probe files (default: the config's timeline.probes, else the corpus's probes.jsonl and controls.jsonl)."""
+    probe files (default: the config's timeline.probes, else the corpus's probes.jsonl and controls.jsonl).
+    `progress`: tqdm bars on stderr for the answers, the Big Five and the judge."""
     from persllm_jax.eval import anti_induction, bigfive, distinction, precision, runner, style
 
     t0 = time.perf_counter()
@@ -105,7 +113,9 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
     all_answers, timeline_answers = {}, {}
     for s in systems:
         t = time.perf_counter()
-        ans = runner.generate_answers(s, rows, int(cfg["samples"]), sampling, int(cfg["batch_size"]), desc)
+        with progress_bar(f"eval {s.name}: answers", len(rows) * int(cfg["samples"]), progress) as bar:
+            ans = runner.generate_answers(s, rows, int(cfg["samples"]), sampling, int(cfg["batch_size"]), desc,
+                                          progress=bar.update)
         all_answers[s.name] = ans
         write_jsonl(out_dir / f"answers_{report.safe_name(s.name)}.jsonl", ans)
         res: dict = {"kind": s.kind, "source": s.source, "run_dir": s.run_dir, "persona_prompt": s.persona_prompt}
@@ -121,7 +131,10 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
             doc = bigfive.load_items(cfg["bigfive"]["items_file"])
             sysfn = (lambda p, stage, name, label: runner.persona_system(f"You are {name}. Now it's {label}.", p, stage, desc)) \
                 if s.persona_prompt else None
-            fn = runner.option_logprobs_fn(s.gen, int(cfg["bigfive"]["batch_size"]))
+
+            def fn(conversations, gen=s.gen, name=s.name):
+                with progress_bar(f"eval {name}: Big Five", len(conversations), progress) as bar:
+                    return runner.option_logprobs_fn(gen, int(cfg["bigfive"]["batch_size"]), bar.update)(conversations)
             res["bigfive"] = bigfive.administer(fn, personas, doc, cfg["bigfive"]["variants"], sysfn, cfg["bigfive"]["max_items"])
             res["timings_s"]["bigfive"] = round(time.perf_counter() - t, 1)
             log(f"eval: {s.name}: Big Five in {res['timings_s']['bigfive']} s")
@@ -142,7 +155,7 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
 
     if judge:
         t = time.perf_counter()
-        j = precision.Judge(judge, base_url, out_dir / "judge_cache", cfg["judge"])
+        j = precision.Judge(judge, base_url, out_dir / "judge_cache", cfg["judge"], progress=progress)
         results["judge"] = j.identity
         items = [{"id": r["id"], "name": personas[r["persona"]]["name"], "question": question_of(r),
                   "reference": reference_of(r)} for r in rows]
@@ -165,7 +178,7 @@ def evaluate(model: str | None, runs: list[str], data: str, out: str, judge: str
         j.close()
         if timeline_answers:
             timeline.judge_systems(judge, base_url, out_dir / "judge_cache", cfg["judge"], timeline_cfg, results,
-                                   timeline_probes, timeline_answers, stage_order)
+                                   timeline_probes, timeline_answers, stage_order, progress)
         results["timings_s"]["judge"] = round(time.perf_counter() - t, 1)
     else:
         notes["judge"] = "no --judge given: precision and the anti-induction refute rate were not measured"

@@ -1,5 +1,5 @@
 """Every figure of the eval report, as PNG files: Big Five radar, grouped bars (distinction, precision), training
-curves, human ratings, point-in-time consistency. matplotlib is imported on first use, headless (Agg)."""
+curves (and `persllm plot RUN_DIR`'s loss / eval_loss / lr panels), human ratings, point-in-time consistency. matplotlib is imported on first use, headless (Agg)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,41 @@ def training_curves(runs: dict[str, str], path: Path) -> bool:
     return drawn
 
 
+# one figure per panel of `persllm plot`: (file stem, title, [(metric, label)]); a panel with no data is skipped
+RUN_PANELS = (("loss", "Loss", [("loss", "train"), ("eval_loss", "held out")]),
+              ("lr", "Learning rate", [("lr", "lr")]),
+              ("reward_accuracy", "Reward accuracy (DPO)", [("reward_accuracy", "train"),
+                                                            ("eval_reward_accuracy", "held out")]))
+
+
+def run_curves(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """RUN_DIR/metrics.jsonl drawn as OUT_DIR/{loss,lr,reward_accuracy}.png (train loss with the held-out
+    eval_loss, the learning rate, DPO's reward accuracy); the files written. No rows: an InputError."""
+    rows = read_metrics(run_dir)
+    if not any("loss" in r for r in rows):
+        raise InputError(f"{Path(run_dir) / 'metrics.jsonl'}: no training metrics to plot")
+    plt, out_dir, written = pyplot(), Path(out_dir), []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stem, title, series in RUN_PANELS:
+        lines = [(label, [(r["step"], r[key]) for r in rows if key in r and "step" in r]) for key, label in series]
+        lines = [(label, pts) for label, pts in lines if pts]
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for label, pts in lines:
+            ax.plot(*zip(*pts), label=label, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(f"{title}: {Path(run_dir).name}")
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def human_ratings(h: dict, path: Path, names: dict[str, str] | None = None) -> None:
     """Human ratings (`human.summarize`): win rates with intervals per pair and criterion, and Bradley-Terry
     strengths per model. `names`: display names of the criteria."""
@@ -174,4 +209,4 @@ def human_ratings(h: dict, path: Path, names: dict[str, str] | None = None) -> N
     plt.close(fig)
 
 
-__all__ = ["pyplot", "radar", "bars", "training_curves", "human_ratings"]
+__all__ = ["pyplot", "radar", "bars", "training_curves", "run_curves", "human_ratings"]

@@ -9,6 +9,7 @@ retries, concurrency and on-disk response cache."""
 from __future__ import annotations
 
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def parse_score(text: str | None) -> int | None:
 class Judge:
     """An LLM judge over a data_gen backend. `ask` returns {key: reply or None} and counts failed requests."""
 
-    def __init__(self, spec: str, base_url: str | None = None, cache_dir: str | Path | None = None, cfg: dict | None = None):
+    def __init__(self, spec: str, base_url: str | None = None, cache_dir: str | Path | None = None, cfg: dict | None = None,
+                 progress: bool = False):
         from data_gen.backends import make_backend
         from data_gen.config import DEFAULTS
         from data_gen.errors import DataGenError
@@ -79,6 +81,7 @@ class Judge:
             raise EvalError(f"--judge {spec}: {e}") from None
         self.identity = self.backend.identity
         self.failed = 0
+        self.progress = progress  # a tqdm bar on stderr per `ask`
 
     def ask(self, prompts: dict[str, str]) -> dict[str, str | None]:
         from data_gen.backends import Request
@@ -86,12 +89,19 @@ class Judge:
         out: dict[str, str | None] = {}
         reqs = [Request(k, ({"role": "user", "content": p},), self.max_tokens, 0.0, 1.0, 0) for k, p in prompts.items()]
 
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(reqs), desc="eval judge", unit="request", file=sys.stderr, disable=not self.progress,
+                   dynamic_ncols=True)
+
         def done(req, res):
             out[req.key] = res.text
             if res.text is None:
                 self.failed += 1
+            bar.update(1)
 
-        self.backend.run(reqs, done)
+        with bar:
+            self.backend.run(reqs, done)
         return out
 
     def close(self):

@@ -288,11 +288,12 @@ def evaluate_system(system, probes: list[dict], corpus_system: dict, desc: dict,
 
 
 def judge_systems(judge_spec: str, base_url, cache_dir, judge_cfg: dict, cfg: dict, results: dict,
-                  probes: list[dict], answers: dict[str, list[str]], order: dict) -> None:
+                  probes: list[dict], answers: dict[str, list[str]], order: dict, progress: bool = False) -> None:
     """Adds results["systems"][name]["timeline"]["judged"] for every system with free answers."""
     from persllm_jax.eval.precision import Judge
 
-    j = Judge(judge_spec, base_url, cache_dir, {**judge_cfg, "max_tokens": int(cfg["judge_max_tokens"])})
+    j = Judge(judge_spec, base_url, cache_dir, {**judge_cfg, "max_tokens": int(cfg["judge_max_tokens"])},
+              progress=progress)
     try:
         for name, ans in answers.items():
             recs = judge_answers(j, name, probes, ans)

@@ -20,6 +20,7 @@ DEFAULTS: dict = {
         "base_url": None,
         "config": {},  # data_gen settings (data_gen/config.py DEFAULTS), or a YAML file name
     },
+    "report_to": None,  # e.g. [tensorboard, wandb]: the sft and dpo stages' `report_to` unless their section sets it
     "sft": {},  # TrainConfig keys (persllm_jax/train_config.py); model and data are filled in
     "dpo": {"enabled": True},  # + DPO config keys (persllm train dpo --config); model, data and parent filled in
     "export": {"formats": ["merged", "peft"], "dtype": None},
@@ -97,6 +98,8 @@ def train_config(cfg: dict, stage: str):
     from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
 
     section = {k: v for k, v in cfg[stage].items() if k != "enabled"}
+    if cfg.get("report_to") is not None and "report_to" not in section:
+        section["report_to"] = cfg["report_to"]
     try:
         c = load_config(DPOConfig if stage == "dpo" else TrainConfig, None, base=section)
     except PersllmError as e:

@@ -299,7 +299,7 @@ class Pipeline:
         e = self.cfg["eval"]
         try:
             res = evaluate(self.cfg["model"], runs, str(self.corpus), str(out), judge=e["judge"], base_url=e["base_url"],
-                           config=str(conf), personas_dir=self.cfg["personas"], log=self.log)
+                           config=str(conf), personas_dir=self.cfg["personas"], log=self.log, progress=self.progress)
         except PersllmError as err:
             raise ReproduceError(f"eval: {err}") from None
         return {name: headline(s) for name, s in res["systems"].items()}, ["eval/results.json", "eval/report.md"]
@@ -324,8 +324,11 @@ class Pipeline:
 def _train_settings(c) -> dict:
     """A training config as the stage key sees it: bookkeeping keys (not the model) left out."""
     d = to_dict(c)
-    for k in ("save_every", "keep_checkpoints", "log_every", "peak_tflops"):
+    for k in ("save_every", "keep_checkpoints", "log_every", "peak_tflops", "report_to"):
         d.pop(k, None)
+    if not d.get("eval_every"):  # eval off: the keys of runs made before eval_every existed stay as they were
+        for k in ("eval_every", "eval_data", "eval_fraction"):
+            d.pop(k, None)
     return d
 
 

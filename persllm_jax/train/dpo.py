@@ -46,6 +46,7 @@ from persllm_jax.train import distributed, sft
 from persllm_jax.train import loss as loss_mod
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import DPOConfig
+from persllm_jax.train.data import DataError
 from persllm_jax.train.dpo_data import (
     BATCH_KEYS,
     Pair,
@@ -56,7 +57,8 @@ from persllm_jax.train.dpo_data import (
     load_pairs,
     pack_pairs,
 )
-from persllm_jax.train.loop import run_folder, train_loop
+from persllm_jax.train import report_to
+from persllm_jax.train.loop import eval_batches, held_out_file, run_folder, train_loop
 
 # --- model side ------------------------------------------------------------------------------------
 
@@ -239,6 +241,59 @@ def precompute_ref(cfg: DPOConfig, mcfg: ModelConfig, ref_params, pairs: list[Pa
     return chosen, rejected
 
 
+# --- held-out evaluation (eval_every) --------------------------------------------------------------
+
+
+def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out): `fraction` of the pairs (at least one) set aside, chosen by `seed` alone."""
+    n = len(pairs)
+    k = max(1, round(fraction * n))
+    if n - k < 1:
+        raise DataError(f"eval_fraction={fraction}: {n} pair(s) cannot be split into training and held-out pairs")
+    held = set(np.random.default_rng([seed, 2718]).permutation(n)[:k].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def make_evaluate(cfg: DPOConfig, mcfg: ModelConfig, held_out: list[Pair], ref, mesh, st_sh, fr_sh):
+    """evaluate(state, frozen) -> eval_loss (the training loss), eval_reward_accuracy, eval_reward_margin over the
+    held-out pairs. Their reference log-probs are computed here, once, from `ref`; then each evaluation is one
+    jitted policy forward per batch (the training shardings, no donation, no dropout)."""
+    K, S = budgets(held_out, cfg.max_length, cfg.packing)
+    rows = pack_pairs(held_out, cfg.max_length, K, S, cfg.packing)
+    b_sh, device_batches = eval_batches(rows, cfg.batch_size, mesh, fill={"pair_id": -1})
+    batch_sh = {k: b_sh for k in BATCH_KEYS}
+    _, ref_logps, _ = make_loss(cfg, mcfg)
+    ref_fn = jax.jit(shd.in_mesh(ref_logps, mesh), in_shardings=(shd.tree_shardings(ref, mesh), batch_sh),
+                     out_shardings=(b_sh, b_sh))
+    for b in device_batches:
+        b["ref_chosen"], b["ref_rejected"] = ref_fn(ref, b)
+    kw = {"dtype": jnp_dtype(cfg.dtype), "attention": cfg.attention}
+    scale = lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
+
+    def sums(trainable, frozen, mb):
+        if cfg.lora.enabled:
+            pc, pr, nc, nr = sequence_logps(frozen, mcfg, mb, lora=trainable, lora_scale=scale, **kw)
+        else:
+            pc, pr, nc, nr = sequence_logps(trainable, mcfg, mb, **kw)
+        rc, rr, valid = mb["ref_chosen"], mb["ref_rejected"], mb["pair_valid"]
+        margin = cfg.beta * ((pc - rc) - (pr - rr))
+        return {"loss": jnp.sum(pair_losses(cfg, pc, pr, rc, rr, nc, nr) * valid), "nll": -jnp.sum(pc * valid),
+                "chosen": jnp.sum(mb["comp_w"] * (mb["comp_seq"] % 2 == 0)), "pairs": jnp.sum(valid),
+                "correct": jnp.sum((margin > 0) * valid), "margin": jnp.sum(margin * valid)}
+
+    fn = jax.jit(shd.in_mesh(sums, mesh), in_shardings=(st_sh["trainable"], fr_sh, batch_sh),
+                 out_shardings=shd.replicated(mesh))
+
+    def evaluate(state, frozen):
+        parts = jax.device_get([fn(state["trainable"], frozen, b) for b in device_batches])
+        t = {k: sum(float(p[k]) for p in parts) for k in parts[0]}
+        n = max(t["pairs"], 1.0)
+        return {"eval_loss": t["loss"] / n + cfg.nll_weight * t["nll"] / max(t["chosen"], 1.0),
+                "eval_reward_accuracy": t["correct"] / n, "eval_reward_margin": t["margin"] / n}
+
+    return evaluate
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 
@@ -260,6 +315,7 @@ def run(cfg: DPOConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, dev
         log=print) -> dict:
     """Train per `cfg` into `run_dir` (resuming from its latest good checkpoint). Returns a summary dict."""
     run_dir = Path(run_dir)
+    report_to.check(cfg.report_to)  # a missing optional package fails here, before any work
     with run_folder(run_dir, cfg, [cfg.data, cfg.model, cfg.from_run]):
         return _train(cfg, run_dir, loaded=loaded, tokenizer=tokenizer, devices=devices, progress=progress, log=log)
 
@@ -280,6 +336,15 @@ def _train(cfg: DPOConfig, run_dir: Path, *, loaded=None, tokenizer=None, device
     pairs, stats = load_pairs(tokenizer, path, cfg.max_length)
     log(f"data: {stats.pairs} pairs from {path}, {stats.truncated} truncated to max_length={cfg.max_length}, "
         f"{stats.dropped} dropped, {stats.tokens} tokens ({stats.completion_tokens} completion)")
+    held_out = None
+    if cfg.eval_every:
+        eval_path = held_out_file(cfg, "dpo")
+        if eval_path is not None:
+            held_out, _ = load_pairs(tokenizer, eval_path, cfg.max_length)
+        else:
+            pairs, held_out = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+        log(f"eval: {len(held_out)} held-out pairs ({eval_path or f'eval_fraction={cfg.eval_fraction} of {path}'}), "
+            f"every {cfg.eval_every} steps")
 
     mesh = shd.make_train_mesh(cfg.mesh, devices, cfg.batch_size)
     K, S = budgets(pairs, cfg.max_length, cfg.packing)
@@ -299,6 +364,10 @@ def _train(cfg: DPOConfig, run_dir: Path, *, loaded=None, tokenizer=None, device
     ref_c = ref_r = None
     if cfg.precompute_ref:
         ref_c, ref_r = precompute_ref(cfg, mcfg, ref, pairs, run_dir, mesh, K, S, n_index, log)
+    evaluate = None
+    if held_out:
+        st_sh, fr_sh = sft.state_shardings(state, frozen, mesh)
+        evaluate = make_evaluate(cfg, mcfg, held_out, ref, mesh, st_sh, fr_sh)
     del ref, params
     step = make_dpo_step(cfg, mcfg, optimizer, schedule, online)
     step_fn, _, _, b_sh = sft.compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=step,
@@ -323,10 +392,10 @@ def _train(cfg: DPOConfig, run_dir: Path, *, loaded=None, tokenizer=None, device
 
     out = train_loop(cfg, run_dir, state=state, frozen=frozen, step_fn=step_fn, b_sh=b_sh, stream=stream,
                        total=total, kind=kind, info=info, fpt=fpt, desc="dpo", progress=progress, log=log,
-                       int_metrics=("trained_tokens", "pairs"))
+                       int_metrics=("trained_tokens", "pairs"), evaluate=evaluate)
     out.update(mesh=mesh, stats=stats, K=K, S=S)
     return out
 
 
-__all__ = ["sequence_logps", "pair_losses", "make_loss", "make_dpo_step", "precompute_ref",
+__all__ = ["sequence_logps", "pair_losses", "make_loss", "make_dpo_step", "precompute_ref", "split_pairs", "make_evaluate",
            "ref_cache_key", "run"]

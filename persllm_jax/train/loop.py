@@ -1,6 +1,7 @@
 """The training loop shared by SFT and DPO: resume from the latest checkpoint, write config.yaml and run.json,
-run the jitted step over the data stream, log metrics.jsonl (tokens/s, MFU), save checkpoints; on SIGTERM
-(preemption.py) checkpoint the step reached and raise `Preempted`.
+run the jitted step over the data stream, log metrics (tokens/s, MFU; held-out `eval_*` every `eval_every`
+steps and at the end) to metrics.jsonl and the `report_to` backends (report_to.py), save checkpoints; on
+SIGTERM (preemption.py) checkpoint the step reached and raise `Preempted`.
 
 The step itself is a pure function `step_fn(state, frozen, batch) -> (state, metrics)` built by sft.py or
 dpo.py; gradient accumulation happens inside it (a scan over micro-batches that sums and normalises once).
@@ -9,19 +10,20 @@ dpo.py; gradient accumulation happens inside it (a scan over micro-batches that 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from persllm_jax.io import read_jsonl, write_jsonl
 from persllm_jax.outputs import MARKER, OutputError, check_output
 from persllm_jax.runs import checkpoint_steps, write_run
 from persllm_jax.settings import ConfigError, read_file
 from persllm_jax.train import checkpoint, distributed, preemption
+from persllm_jax.train.report_to import Reporters
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig, save_config
 
@@ -49,6 +51,29 @@ def _trim_metrics(path: Path, upto: int) -> None:
     """Drop the rows logged after the checkpoint a resumed run starts from (they will be logged again)."""
     if path.exists():
         write_jsonl(path, [r for r in read_jsonl(path, torn_tail=True) if r.get("step", 0) <= upto])
+
+
+def eval_batches(rows: dict, batch_size: int, mesh, fill: dict | None = None):
+    """(sharding, device batches): held-out host rows [N, ...] cut into batches of `batch_size` rows (no accum
+    axis), placed once; the last batch is padded with rows of `fill` values (default 0 = no weight)."""
+    b_sh = shd.batch_sharding(mesh, leading=0)
+    n = len(next(iter(rows.values())))
+    pad, fill = -n % batch_size, fill or {}
+    rows = {k: np.concatenate([v, np.full((pad,) + v.shape[1:], fill.get(k, 0), v.dtype)]) for k, v in rows.items()}
+    local = shd.process_rows(b_sh, batch_size, axis=0, ndim=2)
+    return b_sh, [shd.put_batch({k: v[i:i + batch_size][local] for k, v in rows.items()}, b_sh, batch_size, axis=0)
+                  for i in range(0, n + pad, batch_size)]
+
+
+def held_out_file(cfg, section: str) -> Path | None:
+    """The file `eval_every` reads: `eval_data` (a file, or a corpus dir's <section>/test.jsonl), else the training
+    corpus' <section>/test.jsonl when it has one; None when neither."""
+    from persllm_jax.train.data import corpus_file
+
+    if cfg.eval_data:
+        return corpus_file(cfg.eval_data, "test", section)
+    test = Path(cfg.data) / section / "test.jsonl"
+    return test if Path(cfg.data).is_dir() and test.is_file() else None
 
 
 # settings a checkpoint's shapes depend on: resuming under other values cannot work
@@ -94,11 +119,14 @@ def run_folder(run_dir: Path, cfg, inputs):
 
 
 def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh, stream, total: int, kind: str,
-               info: dict, fpt: float, desc: str, progress: bool = True, log=print, int_metrics=("trained_tokens",)):
-    """The loop shared by SFT and DPO: resume, config.yaml + run.json, metrics.jsonl, progress bar, checkpoints.
+               info: dict, fpt: float, desc: str, progress: bool = True, log=print, int_metrics=("trained_tokens",),
+               evaluate=None):
+    """The loop shared by SFT and DPO: resume, config.yaml + run.json, metrics, progress bar, checkpoints.
 
     `step_fn(state, frozen, batch) -> (state, metrics)`; `stream(data_pos)` yields (host rows [accum*B, ...],
-    next data_pos). Every metric the step returns goes to metrics.jsonl (floats; `int_metrics` as ints).
+    next data_pos). Every metric the step returns is logged (floats; `int_metrics` as ints). `evaluate(state,
+    frozen) -> {"eval_loss": ...}` (a pure function of the weights, so a resumed run logs what an uninterrupted
+    one would) runs every `cfg.eval_every` steps and at the end; its figures join that step's row.
     """
     # closed on every exit, so no run leaves orbax's threads and open files behind it in this process
     with checkpoint.manager(run_dir, cfg.keep_checkpoints) as mgr:
@@ -112,7 +140,8 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
             start, data_pos = int(meta["step"]), int(meta["data_position"])
             log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {start}, data position {data_pos})")
         metrics_path = run_dir / "metrics.jsonl"
-        if distributed.is_main():  # multi-host: run files and metrics from process 0 (checkpoints from all)
+        main = distributed.is_main()
+        if main:  # multi-host: run files and metrics from process 0 (checkpoints from all)
             save_config(cfg, run_dir / "config.yaml")
             write_run(run_dir, {**info, "checkpoints": "checkpoints/<step>/{" + kind + ",opt_state,train_state,meta}"})
             _trim_metrics(metrics_path, start)
@@ -120,6 +149,10 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
         local = shd.process_rows(b_sh, cfg.batch_size)  # this process's rows of each micro-batch
         stream = stream(data_pos)
 
+        reporters = Reporters(run_dir, cfg, start) if main else None
+        stack = contextlib.ExitStack()
+        if reporters is not None:
+            stack.enter_context(reporters)
         bar = None
         if progress and jax.process_index() == 0:
             from tqdm import tqdm
@@ -127,7 +160,7 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
             bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
         t_last, c_last, tok_since, last = time.perf_counter(), time.process_time(), 0, {}
         done, stop = start, False
-        with preemption.watch(log) as preempt:
+        with stack, preemption.watch(log) as preempt:
             for step in range(start, total):
                 host, data_pos = next(stream)
                 tok_since += int((host["segment_ids"] > 0).sum())  # every process holds the whole global batch
@@ -137,7 +170,8 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
                     jax.block_until_ready(m)
                     t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
                 done = step + 1
-                if done % cfg.log_every == 0 or done == total:
+                eval_now = evaluate is not None and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == total)
+                if done % cfg.log_every == 0 or done == total or eval_now:
                     m = jax.device_get(m)
                     now, cpu = time.perf_counter(), time.process_time()
                     tps = tok_since / max(now - t_last, 1e-9) if tok_since else float("nan")
@@ -147,11 +181,14 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
                             "tokens_per_cpu_s": tpc, "mfu": tps * fpt / peak}
                     last.update({k: int(v) if k in int_metrics else float(v) for k, v in m.items() if k not in last})
                     last["data_position"] = data_pos
-                    if jax.process_index() == 0:
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps(last) + "\n")
+                    if eval_now:
+                        last.update({k: float(v) for k, v in evaluate(state, frozen).items()})
+                    if reporters is not None:
+                        reporters.log(done, last)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                        extra = {"eval_loss": f"{last['eval_loss']:.4f}"} if "eval_loss" in last else {}
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:.0f}", mfu=f"{100 * last['mfu']:.1f}%",
+                                        **extra)
                     t_last, c_last, tok_since = time.perf_counter(), time.process_time(), 0
                 if bar is not None:
                     bar.update(1)
@@ -172,4 +209,4 @@ def train_loop(cfg: TrainConfig, run_dir: Path, *, state, frozen, step_fn, b_sh,
                 "peak_flops": peak}
 
 
-__all__ = ["train_loop", "run_folder", "resume_conflicts", "RESUME_KEYS", "measure_peak_flops", "peak_flops"]
+__all__ = ["train_loop", "eval_batches", "held_out_file", "run_folder", "resume_conflicts", "RESUME_KEYS", "measure_peak_flops", "peak_flops"]

@@ -28,7 +28,9 @@ from persllm_jax.train import distributed
 from persllm_jax.train import loss as loss_mod
 from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig
-from persllm_jax.train.loop import run_folder, train_loop
+from persllm_jax.train import report_to
+from persllm_jax.train.config import ConfigError
+from persllm_jax.train.loop import eval_batches, held_out_file, run_folder, train_loop
 
 # --- loss and step ---------------------------------------------------------------------------------
 
@@ -96,6 +98,30 @@ def make_train_step(cfg: TrainConfig, mcfg: ModelConfig, optimizer, schedule, tr
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}, metrics
 
     return step
+
+
+def make_evaluate(cfg: TrainConfig, mcfg: ModelConfig, examples, mesh, st_sh, fr_sh):
+    """evaluate(state, frozen) -> {"eval_loss": mean token NLL over the held-out conversations}: one jitted
+    forward (the training shardings, no donation, no dropout) over their rows, placed on the mesh once."""
+    rows = data_mod.pack_rows(examples, cfg.max_length, cfg.packing)
+    b_sh, device_batches = eval_batches(rows, cfg.batch_size, mesh)
+    kw = {"dtype": jnp_dtype(cfg.dtype), "attention": cfg.attention}
+    scale = lora_mod.lora_scale(cfg.lora.rank, cfg.lora.alpha)
+
+    def nll(trainable, frozen, batch):
+        if cfg.lora.enabled:
+            return token_nll_sum(frozen, mcfg, batch, lora=trainable, lora_scale=scale, **kw)
+        return token_nll_sum(trainable, mcfg, batch, **kw)
+
+    fn = jax.jit(shd.in_mesh(nll, mesh), in_shardings=(st_sh["trainable"], fr_sh, {k: b_sh for k in SFT_BATCH_KEYS}),
+                 out_shardings=shd.replicated(mesh))
+
+    def evaluate(state, frozen):
+        sums = [fn(state["trainable"], frozen, b) for b in device_batches]
+        loss, weight = (sum(float(x[i]) for x in jax.device_get(sums)) for i in (0, 1))
+        return {"eval_loss": loss / max(weight, 1.0)}
+
+    return evaluate
 
 
 def state_shardings(state, frozen, mesh):
@@ -199,6 +225,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, loaded=None, tokenizer=None, d
         log=print) -> dict:
     """Train per `cfg` into `run_dir` (resuming from its latest good checkpoint). Returns a summary dict."""
     run_dir = Path(run_dir)
+    report_to.check(cfg.report_to)  # a missing optional package fails here, before any work
     with run_folder(run_dir, cfg, [cfg.data, cfg.model]):
         return _train(cfg, run_dir, loaded=loaded, tokenizer=tokenizer, devices=devices, progress=progress, log=log)
 
@@ -217,6 +244,14 @@ def _train(cfg: TrainConfig, run_dir: Path, *, loaded=None, tokenizer=None, devi
     examples, stats = data_mod.load_examples(tokenizer, path, cfg.max_length)
     log(f"data: {stats.conversations} conversations from {path}, {stats.truncated} truncated to max_length="
         f"{cfg.max_length}, {stats.dropped} dropped (no trained token left), {stats.trained_tokens} trained tokens")
+    held_out = None
+    if cfg.eval_every:
+        eval_path = held_out_file(cfg, "sft")
+        if eval_path is None:
+            raise ConfigError(f"eval_every={cfg.eval_every}: no held-out data (set eval_data, or train on a corpus "
+                              f"dir with sft/test.jsonl)")
+        held_out, eval_stats = data_mod.load_examples(tokenizer, eval_path, cfg.max_length)
+        log(f"eval: {eval_stats.conversations} conversations from {eval_path}, every {cfg.eval_every} steps")
 
     mesh = shd.make_train_mesh(cfg.mesh, devices, cfg.batch_size)
     rows_per_step = cfg.batch_size * cfg.grad_accum
@@ -231,7 +266,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, loaded=None, tokenizer=None, devi
                                                           cfg.packing)["weights"] for e in range(n_epochs)],
                                      cfg.max_length)
     step = make_train_step(cfg, mcfg, optimizer, schedule, trained_budget=budget)
-    step_fn, st_sh, _, b_sh = compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=step)
+    step_fn, st_sh, fr_sh, b_sh = compile_step(cfg, mcfg, optimizer, schedule, state, frozen, mesh, step=step)
+    evaluate = make_evaluate(cfg, mcfg, held_out, mesh, st_sh, fr_sh) if held_out else None
     info = {"model": cfg.model, "model_source": loaded.source, "model_config": loaded.hf_config, "kind": kind,
             "lora": lora_info_of(cfg), "data": str(path), "data_stats": vars(stats), "total_steps": total,
             "mesh": dict(mesh.shape)}
@@ -240,10 +276,11 @@ def _train(cfg: TrainConfig, run_dir: Path, *, loaded=None, tokenizer=None, devi
     stream = lambda pos, row_slice=slice(None): data_mod.batches(  # noqa: E731
         examples, cfg.max_length, rows_per_step, cfg.seed, pos, cfg.shuffle, cfg.packing, row_slice)
     out = train_loop(cfg, run_dir, state=state, frozen=frozen, step_fn=step_fn, b_sh=b_sh, stream=stream,
-                     total=total, kind=kind, info=info, fpt=fpt, desc="sft", progress=progress, log=log)
+                     total=total, kind=kind, info=info, fpt=fpt, desc="sft", progress=progress, log=log,
+                     evaluate=evaluate)
     out.update(mesh=mesh, stats=stats)
     return out
 
 
-__all__ = ["token_nll_sum", "make_optimizer", "make_train_step", "compile_step", "initial_state", "init_state", "run",
+__all__ = ["token_nll_sum", "make_optimizer", "make_train_step", "make_evaluate", "compile_step", "initial_state", "init_state", "run",
            "flops_per_token", "state_shardings"]
