@@ -240,6 +240,9 @@ def valid_keys(schema, prefix: str = "", whole=()) -> list[str]:
 
 
 def _unknown(key: str, where: str, schema, prefix: str, whole) -> ConfigError:
+    hint = getattr(schema, "KEY_HINTS", {}).get(key)  # a schema's word on a name that means something else there
+    if hint:
+        return ConfigError(f"{where}: unknown config key {key!r}: {hint}")
     return ConfigError(f"{where}: unknown config key {key!r}; valid keys: {', '.join(valid_keys(schema, prefix, whole))}")
 
 

@@ -15,7 +15,7 @@ from persllm_jax.train.config import ConfigError, DPOConfig, TrainConfig, load_c
 
 def test_trl_names_in_a_file_and_in_set(tmp_path):
     f = tmp_path / "trl.yaml"
-    f.write_text(yaml.safe_dump({"gradient_accumulation_steps": 4, "per_device_train_batch_size": 2, "max_steps": 9,
+    f.write_text(yaml.safe_dump({"gradient_accumulation_steps": 4, "batch_size": 2, "max_steps": 9,
                                  "logging_steps": 3, "save_steps": 5, "eval_steps": 3, "lora_r": 8, "lora_alpha": 16,
                                  "rpo_alpha": 0.5, "precompute_ref_log_probs": True, "num_train_epochs": 2}))
     cfg = load_config(DPOConfig, f, ["lora.target_modules=[q_proj, v_proj]", "adam_beta2=0.99"])
@@ -44,6 +44,9 @@ def test_both_names_in_set_is_an_error():
 
 
 def test_errors_name_our_key(tmp_path):
+    # TRL's per-device batch is not our global one: no silent alias, an error that says what to set
+    with pytest.raises(ConfigError, match="our batch_size is the global batch"):
+        load_config(TrainConfig, None, ["per_device_train_batch_size=2"])
     with pytest.raises(ConfigError, match="--set max_steps: steps must be an integer"):
         load_config(TrainConfig, None, ["max_steps=many"])
     with pytest.raises(ConfigError, match="invalid value for grad_accum: 0"):

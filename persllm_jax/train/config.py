@@ -10,6 +10,7 @@ subclassing the dataclass (adding `beta`, `loss_type`, ...); `load_config(cls, .
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from persllm_jax import settings
@@ -46,12 +47,15 @@ class MeshConfig:
 
 @dataclass
 class TrainConfig:
+    # names TRL users bring that mean something else here: the unknown-key error says what to set instead
+    KEY_HINTS: ClassVar[dict] = {"per_device_train_batch_size": "our batch_size is the global batch (rows per step "
+                                 "over all devices): set batch_size = per-device rows x mesh.data x mesh.fsdp"}
     model: str = _f("smollm2", "model_name_or_path")  # HF dir, .gguf file, or `smollm2`
     data: str = ""  # corpus dir (reads sft/train.jsonl) or a .jsonl file
     steps: int = _f(0, "max_steps")  # optimizer steps; 0 = derived from epochs
     epochs: float = _f(1.0, "num_train_epochs")
     # packed rows of max_length tokens per micro-step, global (all devices), unlike TRL's per-device count
-    batch_size: int = _f(8, "per_device_train_batch_size")
+    batch_size: int = 8
     grad_accum: int = _f(1, "gradient_accumulation_steps")
     learning_rate: float = 1e-4
     warmup_steps: int = 10
@@ -96,7 +100,7 @@ class DPOConfig(TrainConfig):
     from_run: str = ""
     from_step: int = -1  # -1 = the SFT run's latest checkpoint
     learning_rate: float = 5e-5
-    batch_size: int = _f(4, "per_device_train_batch_size")  # packed rows (whole prompt+chosen+rejected pairs) per micro-step
+    batch_size: int = 4  # packed rows (whole prompt+chosen+rejected pairs) per micro-step
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid (cDPO with label_smoothing) | ipo | hinge
     label_smoothing: float = 0.0  # sigmoid only: assumed fraction of flipped labels (cDPO)
