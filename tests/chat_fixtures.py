@@ -66,3 +66,13 @@ def tiny_model_dir(path, arch: str = "llama", template: str = CHATML, **override
     save_tiny(arch, path, **kw)
     save_word_tokenizer(path, template)
     return Path(path)
+
+
+def corpus_with_test_split(root, n: int, n_test: int):
+    """A corpus of `n` training conversations whose sft/test.jsonl holds `n_test` others (held-out eval)."""
+    import shutil
+
+    corpus = write_corpus(root / "corpus", n=n, seed=1)
+    held = write_corpus(root / "held", n=n_test, seed=2)
+    shutil.copy(held / "sft" / "train.jsonl", corpus / "sft" / "test.jsonl")
+    return corpus

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from click.testing import CliRunner
 
-from chat_fixtures import tiny_model_dir, write_corpus
+from chat_fixtures import corpus_with_test_split, tiny_model_dir
 from persllm_jax.cli import main
 from persllm_jax.model.weights import load_model, load_tokenizer
 from persllm_jax.train import data as data_mod
@@ -28,9 +28,7 @@ BASE = ["max_length=64", "batch_size=2", "warmup_steps=0", "log_every=1", "lora.
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalevery")
     model = tiny_model_dir(root / "model")
-    corpus = write_corpus(root / "corpus", n=10, seed=1)
-    held = write_corpus(root / "held", n=5, seed=2)
-    shutil.copy(held / "sft" / "train.jsonl", corpus / "sft" / "test.jsonl")
+    corpus = corpus_with_test_split(root, 10, 5)
     write_pairs(corpus, n=10, seed=3)
     return model, corpus, load_model(str(model)), load_tokenizer(str(model))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from chat_fixtures import tiny_model_dir, write_corpus
+from chat_fixtures import corpus_with_test_split, tiny_model_dir
 from persllm_jax.model.weights import load_model, load_tokenizer
 from persllm_jax.train import report_to, sft
 from persllm_jax.train.config import load_config
@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     model = tiny_model_dir(root / "model")
-    corpus = write_corpus(root / "corpus", n=12, seed=1)
-    test = write_corpus(root / "held", n=4, seed=2)
-    shutil.copy(test / "sft" / "train.jsonl", corpus / "sft" / "test.jsonl")
+    corpus = corpus_with_test_split(root, 12, 4)
     return model, corpus, load_model(str(model)), load_tokenizer(str(model))
 
 

@@ -46,8 +46,11 @@ def rows(recipe: Path, out: Path) -> list[str]:
         b = s["bytes"]
         cpu_peak = cpu["bytes"]["peak"] / GiB if stage == "sft" and "bytes" in cpu else None
         if s["fits_compiler"]:
-            r = s["roofline"]
-            tpu_txt, perf = f"{b['peak'] / GiB:.2f}", f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}%"
+            r = s.get("roofline")
+            tpu_txt = f"{b['peak'] / GiB:.2f}"
+            perf = f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}%" if r else "n/a | n/a"
+            if r and s["cost"].get("scaled_from_one_row"):
+                perf = perf.replace(" |", "* |", 1)
         else:
             tpu_txt, perf = "refused", "- | -"
         limit = 0.9 * tpu["target_spec"]["hbm"] / GiB

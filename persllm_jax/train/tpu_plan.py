@@ -105,7 +105,6 @@ def unrolled_scans():
         jax.lax.scan = orig
 
 
-UNLIMITED_HBM_MIB = 1 << 24  # 16 TiB: libtpu's HBM size for the costs-only compiles (their memory is not the plan's)
 DPO_PAIRS_PER_ROW = 8  # S of the planned DPO batch; the completion budget K is max_length (the worst case)
 
 
@@ -172,21 +171,39 @@ def _cost(compiled) -> dict:
             "optimal_s": float(c.get("optimal_seconds", 0.0))}
 
 
-def layer_extrapolated_cost(stage: str, cfg, devices, mcfg) -> dict:
-    """Per-chip cost of the step with L layers from compiles with 1 and 2 layers, all scans unrolled (L <= 2: the
-    step itself, unrolled)."""
+def _unrolled_layers_cost(stage: str, cfg, devices, mcfg) -> dict:
     costs, layers = [], mcfg.num_layers
     for n in ((layers,) if layers <= 2 else (1, 2)):
         a = abstract_stage(stage, cfg, devices, dataclasses.replace(mcfg, num_layers=n))
         with unrolled_scans():
             lowered = a["step_fn"].lower(a["state"], a["frozen"], a["batch"])
-        # unrolled, every iteration's buffers can be live at once: the compiler would refuse a program that the
-        # rolled step (compiled against the real HBM) fits, so this costs-only compile gets an HBM without limit
-        costs.append(_cost(lowered.compile(compiler_options={"xla_tpu_max_hbm_size_mib": UNLIMITED_HBM_MIB})))
+        costs.append(_cost(lowered.compile()))
     if len(costs) == 1:
         return costs[0]
     one, two = costs
     return {k: one[k] + (layers - 1) * (two[k] - one[k]) for k in one}
+
+
+def layer_extrapolated_cost(stage: str, cfg, devices, mcfg) -> dict | None:
+    """Per-chip cost of the step with L layers from compiles with 1 and 2 layers, all scans unrolled (L <= 2: the
+    step itself, unrolled). Unrolled, every iteration's buffers may be live at once, and the TPU compiler refuses
+    a program over the chip's HBM even for costs alone (libtpu's HBM size flag only lowers the limit): then the
+    costs come from one row per chip and one micro-step, scaled by the step's rows per chip (an overcount of the
+    once-per-step optimizer update, marked `scaled_from_one_row`), or are None when even that is refused."""
+    try:
+        return _unrolled_layers_cost(stage, cfg, devices, mcfg)
+    except Exception as e:  # noqa: BLE001
+        if parse_oom(str(e)) is None:
+            raise
+    dp = abstract_stage(stage, cfg, devices, dataclasses.replace(mcfg, num_layers=1))["dp"]
+    rows = cfg.batch_size // dp * cfg.grad_accum
+    try:
+        one = _unrolled_layers_cost(stage, dataclasses.replace(cfg, batch_size=dp, grad_accum=1), devices, mcfg)
+    except Exception as e:  # noqa: BLE001
+        if parse_oom(str(e)) is None:
+            raise
+        return None
+    return {**{k: v * rows for k, v in one.items()}, "scaled_from_one_row": rows}
 
 
 _UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}

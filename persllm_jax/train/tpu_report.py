@@ -26,6 +26,20 @@ def roofline(stage: dict, target: Target) -> dict:
             "hlo_over_model_flops": c["flops"] * target.chips / (stage["flops_per_token"] * stage["tokens_per_step"])}
 
 
+def _cost_lines(c: dict | None, r: dict | None, target: Target) -> list[str]:
+    if c is None:
+        return ["  roofline n/a: the unrolled costs-only compile exceeds the chip's HBM even at one row per chip"]
+    scaled = (f" (scaled from one row per chip x {c['scaled_from_one_row']}: the unrolled compile of the whole "
+              f"step exceeds HBM)") if c.get("scaled_from_one_row") else ""
+    return [f"  per chip per step: {c['flops'] / 1e12:.2f} TFLOP (HLO; {r['hlo_over_model_flops']:.2f}x the model "
+            f"FLOPs), {c['bytes'] / 1e9:.1f} GB accessed{scaled}",
+            f"  roofline: step = max({c['flops'] / 1e12:.2f} TFLOP / {target.peak_flops / 1e12:.0f} TFLOP/s, "
+            f"{c['bytes'] / 1e9:.1f} GB / {target.hbm_bw / 1e9:.0f} GB/s) = max({r['compute_s']:.3f}, "
+            f"{r['memory_s']:.3f}) = {r['step_s']:.3f} s ({r['bound']}-bound)",
+            f"  predicted (upper bound): {r['tokens_per_s']:,.0f} tokens/s on {target.chips} chips, MFU "
+            f"{100 * r['mfu']:.0f}%"]
+
+
 def stage_report(s: dict, name: str, target: Target, headroom: float) -> tuple[list[str], bool]:
     usable = headroom * target.hbm
     mesh = " x ".join(f"{k}={v}" for k, v in s["mesh"].items())
@@ -39,7 +53,7 @@ def stage_report(s: dict, name: str, target: Target, headroom: float) -> tuple[l
         return [head, f"  weights {gib(b['weights']).strip()}, optimizer state {gib(b['optimizer']).strip()} per chip",
                 f"  the TPU compiler refuses it: {o['message']}",
                 f"  DOES NOT FIT: needs {need} per chip on {name}"], False
-    r = roofline(s, target)
+    r = roofline(s, target) if s["cost"] else None
     fits = b["peak"] <= usable
     c = s["cost"]
     mm = s["matmuls"]
@@ -50,13 +64,7 @@ def stage_report(s: dict, name: str, target: Target, headroom: float) -> tuple[l
              f"    temporaries      {gib(b['temporaries'])}",
              f"    peak             {gib(b['peak'])}   of {target.hbm / GiB:.0f} GiB ({100 * b['peak'] / target.hbm:.0f}%;"
              f" limit {100 * headroom:.0f}% = {usable / GiB:.1f} GiB)",
-             f"  per chip per step: {c['flops'] / 1e12:.2f} TFLOP (HLO; {r['hlo_over_model_flops']:.2f}x the model "
-             f"FLOPs), {c['bytes'] / 1e9:.1f} GB accessed",
-             f"  roofline: step = max({c['flops'] / 1e12:.2f} TFLOP / {target.peak_flops / 1e12:.0f} TFLOP/s, "
-             f"{c['bytes'] / 1e9:.1f} GB / {target.hbm_bw / 1e9:.0f} GB/s) = max({r['compute_s']:.3f}, "
-             f"{r['memory_s']:.3f}) = {r['step_s']:.3f} s ({r['bound']}-bound)",
-             f"  predicted (upper bound): {r['tokens_per_s']:,.0f} tokens/s on {target.chips} chips, MFU "
-             f"{100 * r['mfu']:.0f}%",
+             *_cost_lines(c, r, target),
              f"  matmuls in the compiled HLO: {mm['bf16_fraction'] * 100:.0f}% of their FLOPs in bf16 ("
              + ", ".join(f"{k} {100 * v / max(sum(mm['by_dtype'].values()), 1):.0f}%" for k, v in mm["by_dtype"].items())
              + ")",
@@ -86,7 +94,7 @@ def with_roofline(result: dict) -> dict:
     t = TARGETS[result["target"]]
     out = {**result, "target_spec": dataclasses.asdict(t), "stages": {}}
     for k, s in result["stages"].items():
-        out["stages"][k] = {**s, "roofline": roofline(s, t)} if s["fits_compiler"] else s
+        out["stages"][k] = {**s, "roofline": roofline(s, t)} if s["fits_compiler"] and s["cost"] else s
     return out
 
 
