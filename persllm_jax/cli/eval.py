@@ -9,7 +9,9 @@ from persllm_jax.settings import PRINT_CONFIG_HELP
 
 
 @click.group("eval", invoke_without_command=True)
-@click.option("--model", "model", default=None, help="Base model: HF dir, .gguf or `smollm2` (default: the runs' base, else smollm2).")
+@click.option("--model", "model", default=None,
+              help="Base model: HF dir, Hub id ORG/NAME[@rev] (from the cache), .gguf or `smollm2` (default: the "
+                   "runs' base, else smollm2).")
 @click.option("--run", "runs", multiple=True, help="A training run dir (repeatable; NAME=RUN_DIR names it). DPO runs load their SFT parent.")
 @click.option("--data", "data", type=click.Path(), help="Corpus dir (uses sft/test.jsonl and manifest.json).")
 @click.option("--out", "out", type=click.Path(), help="Output dir: results.json, report.md, plots, answers.")

@@ -11,7 +11,7 @@ from persllm_jax.io import DTYPE_NAMES, jnp_dtype
 
 @click.command()
 @click.option("--model", "model_spec", default="smollm2", show_default=True,
-              help="HF directory (safetensors), .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct).")
+              help="HF directory (safetensors), Hub id ORG/NAME[@rev] (from the local cache), .gguf file, or 'smollm2' (embedded SmolLM2-135M-Instruct).")
 @click.option("--prompt", required=True, help="The user message (or, with --raw, the exact text to continue).")
 @click.option("--system", default=None, help="System message placed before the prompt in the chat template.")
 @click.option("--raw", is_flag=True, help="Tokenize the prompt as is instead of applying the chat template.")

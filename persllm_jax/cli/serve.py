@@ -9,7 +9,7 @@ import click
 
 from persllm_jax.io import DTYPE_NAMES
 
-MODEL_HELP = "Base model: HF directory, .gguf file, or 'smollm2' (default: the run's own base model, else smollm2)."
+MODEL_HELP = "Base model: HF directory, Hub id ORG/NAME[@rev] (from the local cache), .gguf file, or 'smollm2' (default: the run's own base model, else smollm2)."
 
 
 def _parse_adapter(text: str) -> tuple[str, str, str | None]:

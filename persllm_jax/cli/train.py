@@ -101,7 +101,7 @@ def _run_options(example_set: str):
 
 
 @train.command("sft", epilog=_aliases_epilog(TrainConfig))
-@click.option("--model", "model", default=None, help="HF dir, .gguf file or `smollm2` (default: from config).")
+@click.option("--model", "model", default=None, help="HF dir, Hub id ORG/NAME[@rev] (from the local cache), .gguf file or `smollm2` (default: from config).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads sft/train.jsonl) or a .jsonl file.")
 @_run_options("lora.rank=8")
 def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
@@ -117,7 +117,7 @@ def sft(model, data, out, config_file, sets, resume, no_progress, print_config):
 
 
 @train.command("dpo", epilog=_aliases_epilog(DPOConfig))
-@click.option("--model", "model", default=None, help="Base model (HF dir, .gguf or `smollm2`) when there is no --from.")
+@click.option("--model", "model", default=None, help="Base model (HF dir, Hub id ORG/NAME[@rev], .gguf or `smollm2`) when there is no --from.")
 @click.option("--from", "from_run", default=None, type=click.Path(file_okay=False),
               help="SFT RUN_DIR: its adapter is merged into the base, which is also the reference (omit: DPO on the base).")
 @click.option("--data", "data", default=None, help="Corpus dir (reads dpo/train.jsonl) or a .jsonl file of pairs.")
