@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 from persllm_jax.errors import PersllmError
 from persllm_jax.train.plan import GiB, capacity, gib, run_module
-from persllm_jax.train.tpu_plan import INSTALL_HINT, TARGETS, TPUPlanError, libtpu_version, topology_devices, worker_env
+from persllm_jax.train.tpu_plan import (
+    TARGETS,
+    compiled_cost,
+    compiled_memory,
+    libtpu_version,
+    require_target,
+    topology_devices,
+    worker_env,
+)
 
 
 @dataclass
@@ -96,19 +104,6 @@ def _programs(mcfg, shape: ServeShape, device, batch: int):
     return prefill, decode, fixed, {"prefill_rows": Bp, "prefill_tokens": T, "cache_tokens": S}
 
 
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    args, out, alias, temp = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
-                              int(m.temp_size_in_bytes))
-    return {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp, "peak": args + out - alias + temp}
-
-
-def _cost(compiled) -> dict:
-    c = compiled.cost_analysis()
-    c = c[0] if isinstance(c, (list, tuple)) else c
-    return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0))}
-
-
 def compile_batch(mcfg, shape: ServeShape, device, batch: int) -> dict:
     """Both programs compiled for `batch` slots: their memory (and the decode step's cost), or the compiler's
     refusal (out of memory) as `fits_compiler: False`."""
@@ -124,9 +119,9 @@ def compile_batch(mcfg, shape: ServeShape, device, batch: int) -> dict:
         if oom is None:
             raise
         return {**out, "fits_compiler": False, "oom": oom, "compile_s": time.perf_counter() - t0}
-    mem = {"prefill": _memory(p), "decode": _memory(d)}
+    mem = {"prefill": compiled_memory(p), "decode": compiled_memory(d)}
     return {**out, "fits_compiler": True, "programs": mem, "peak": max(m["peak"] for m in mem.values()),
-            "decode_cost": _cost(d), "compile_s": time.perf_counter() - t0}
+            "decode_cost": compiled_cost(d), "compile_s": time.perf_counter() - t0}
 
 
 def _line(x0, y0, x1, y1):
@@ -190,13 +185,11 @@ def confirmed_largest(mcfg, shape, device, usable, at, twice, tries: int = 4) ->
 def _worker_main(argv) -> None:
     import jax
 
-    shape, target = ServeShape(**json.loads(argv[0])), argv[1]
+    shape, target, usable = ServeShape(**json.loads(argv[0])), argv[1], float(argv[2])
     if target == "cpu":
-        device, usable = jax.devices("cpu")[0], float(argv[2])
-        info = {"compiler": "cpu"}
+        device, info = jax.devices("cpu")[0], {"compiler": "cpu"}
     else:
-        device, usable = topology_devices(TARGETS[target])[0], float(argv[2])
-        info = {"compiler": "tpu", "libtpu": libtpu_version()}
+        device, info = topology_devices(TARGETS[target])[0], {"compiler": "tpu", "libtpu": libtpu_version()}
     try:
         result = plan_serve(shape, device, usable)
     except PersllmError as e:
@@ -212,12 +205,8 @@ def run_serve_plan(shape: ServeShape, target: str, headroom: float) -> dict:
         cap = capacity("cpu", 1)
         env = dict(os.environ, JAX_PLATFORMS="cpu", PERSLLM_XLA_CACHE="0", XLA_FLAGS="")
     else:
-        if target not in TARGETS:
-            raise TPUPlanError(f"--target {target!r}: known targets are cpu, {', '.join(TARGETS)}")
-        if libtpu_version() is None:
-            raise TPUPlanError(f"plan --serve --target {target}: the TPU compiler (libtpu) is not installed. "
-                               f"{INSTALL_HINT}")
-        cap, env = TARGETS[target].hbm, worker_env(TARGETS[target])
+        t = require_target(target, "plan --serve")
+        cap, env = t.hbm, worker_env(t)
     result = run_module("persllm_jax.serve.plan", [json.dumps(dataclasses.asdict(shape)), target,
                                                    str(headroom * cap)], env, ServePlanError)
     return {**result, "capacity": cap, "headroom": headroom}
@@ -227,12 +216,11 @@ def decode_roofline(r: dict, target: str) -> dict | None:
     """Per decode step of the asked batch: time bound and tokens/s bound (TPU targets: their peak and bandwidth)."""
     if target not in TARGETS or not r["asked"]["fits_compiler"]:
         return None
-    t, c = TARGETS[target], r["asked"]["decode_cost"]
-    steps = r["shape"]["chunk"]  # the loop body (one step) is counted once; the rest of the call is small
+    t, c = TARGETS[target], r["asked"]["decode_cost"]  # the loop body (one decode step) is counted once
     compute, memory = c["flops"] / t.peak_flops, c["bytes"] / t.hbm_bw
     step_s = max(compute, memory)
     return {"compute_s": compute, "memory_s": memory, "step_s": step_s, "bound": "compute" if compute >= memory
-            else "memory", "tokens_per_s": r["asked"]["batch"] / step_s if step_s else 0.0, "steps_per_call": steps}
+            else "memory", "tokens_per_s": r["asked"]["batch"] / step_s if step_s else 0.0}
 
 
 def report(r: dict) -> tuple[str, bool]:

@@ -163,12 +163,31 @@ def abstract_stage(stage: str, cfg, devices, mcfg) -> dict:
     return a
 
 
-def _cost(compiled) -> dict:
+def compiled_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program (per device)."""
     c = compiled.cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
     return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0)),
             "transcendentals": float(c.get("transcendentals", 0.0)),
             "optimal_s": float(c.get("optimal_seconds", 0.0))}
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's memory analysis of a compiled program (per device), with its peak: arguments + outputs - aliased
+    (donated) + temporaries."""
+    m = compiled.memory_analysis()
+    args, out, alias, temp = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                              int(m.temp_size_in_bytes))
+    return {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp, "peak": args + out - alias + temp}
+
+
+def require_target(name: str, command: str = "plan") -> Target:
+    """The TPU target named, with the TPU compiler installed; else a one-line error saying what to do."""
+    if name not in TARGETS:
+        raise TPUPlanError(f"--target {name!r}: known targets are cpu, {', '.join(TARGETS)}")
+    if libtpu_version() is None:
+        raise TPUPlanError(f"{command} --target {name}: the TPU compiler (libtpu) is not installed. {INSTALL_HINT}")
+    return TARGETS[name]
 
 
 def _unrolled_layers_cost(stage: str, cfg, devices, mcfg) -> dict:
@@ -177,7 +196,7 @@ def _unrolled_layers_cost(stage: str, cfg, devices, mcfg) -> dict:
         a = abstract_stage(stage, cfg, devices, dataclasses.replace(mcfg, num_layers=n))
         with unrolled_scans():
             lowered = a["step_fn"].lower(a["state"], a["frozen"], a["batch"])
-        costs.append(_cost(lowered.compile()))
+        costs.append(compiled_cost(lowered.compile()))
     if len(costs) == 1:
         return costs[0]
     one, two = costs
@@ -250,18 +269,16 @@ def compile_stage(stage: str, cfg, devices) -> dict:
             raise
         return {**base, "fits_compiler": False, "oom": oom, "bytes": fixed, "compile_s": time.perf_counter() - t0}
     compile_s = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    args, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                              int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
+    mem = compiled_memory(compiled)
+    temp = mem["temporaries"]
     act = None
     if stage == "sft":
         saved = saved_activations(cfg, mcfg, a["state"]["trainable"], a["frozen"], cfg.batch_size)
         act = None if saved is None else min(temp, saved // a["dp"])
     text = compiled.as_text()
     return {**base, "fits_compiler": True, "compile_s": compile_s,
-            "bytes": {**fixed, "activations": act, "temporaries": temp - (act or 0), "xla_temp": temp,
-                      "arguments": args, "outputs": out, "aliased": alias, "peak": args + out - alias + temp},
-            "cost": layer_extrapolated_cost(stage, cfg, devices, mcfg), "cost_rolled": _cost(compiled),
+            "bytes": {**fixed, **mem, "activations": act, "temporaries": temp - (act or 0), "xla_temp": temp},
+            "cost": layer_extrapolated_cost(stage, cfg, devices, mcfg), "cost_rolled": compiled_cost(compiled),
             "matmuls": matmul_dtypes(text), "param_dtype": str(jnp.dtype(a["param_dtype"]))}
 
 
@@ -286,12 +303,9 @@ def _worker_main(argv) -> None:
 
 def run_tpu_worker(stages: dict[str, dict], target_name: str) -> dict:
     """The worker in a fresh process with libtpu's environment; stages = {"sft"|"dpo": config dict}."""
-    if target_name not in TARGETS:
-        raise TPUPlanError(f"--target {target_name!r}: known targets are cpu, {', '.join(TARGETS)}")
-    if libtpu_version() is None:
-        raise TPUPlanError(f"plan --target {target_name}: the TPU compiler (libtpu) is not installed. {INSTALL_HINT}")
-    return run_module("persllm_jax.train.tpu_plan", [json.dumps(stages), target_name],
-                      worker_env(TARGETS[target_name]), TPUPlanError)
+    target = require_target(target_name)
+    return run_module("persllm_jax.train.tpu_plan", [json.dumps(stages), target_name], worker_env(target),
+                      TPUPlanError)
 
 
 if __name__ == "__main__":
