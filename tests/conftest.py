@@ -1,7 +1,11 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 emulated CPU devices run a sharded step as 8 threads that meet at every all-reduce; on 2 busy cores one of
+# them can be starved past XLA's 40 s rendezvous limit, which aborts the process (seen in CI as a SIGABRT
+# in test_reproduce's resumed SFT): the suite allows 10 minutes instead.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 # The suite runs on the CPU; with libtpu installed (the test extra, for deviceless TPU compiles) JAX would
 # otherwise probe for a TPU and warn on stderr in every process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
