@@ -191,6 +191,8 @@ class OpenAIBackend(Backend):
                     retry_after = 0.0
                 try:
                     async with sem:
+                        if fatal:  # the stop came while this request waited for a slot: do not send it
+                            return req, Result(None, "aborted")
                         self.stats["sent"] += 1
                         resp = await client.chat.completions.create(
                             model=self.model, messages=list(req.messages), max_tokens=req.max_tokens,

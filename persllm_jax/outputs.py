@@ -82,11 +82,27 @@ def temp_beside(out: str | Path) -> Path:
     """A fresh, empty folder next to OUT (same filesystem, so the final rename is atomic)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed writer: never published, safe to drop
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # our own: temp_beside empties it itself
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -112,6 +112,8 @@ class FakeOpenAI:
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, b'{"error": {"message": "not found"}}')
                 if fake.reject_auth:
+                    with fake.lock:
+                        fake.log.append(("", "401"))
                     msg = {"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}}
                     return self._send(401, json.dumps(msg).encode())
                 req = json.loads(raw)

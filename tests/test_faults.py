@@ -118,6 +118,9 @@ def test_an_overwrite_killed_midway_leaves_the_old_export_loadable(chain, tmp_pa
     again = load_model(str(out))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(old.params),
                                                      jax.tree_util.tree_leaves(again.params)))
+    assert list(tmp_path.glob(".export.tmp-*"))  # the killed writer's staging folder, never published
+    assert cli("export", "--run", sft_run, "--out", out, "--overwrite").exit_code == 0
+    assert not list(tmp_path.glob(".export.tmp-*"))  # the next write clears what a dead writer left
 
 
 # --- the annotator: failures that say why ----------------------------------------------------------------
@@ -158,7 +161,7 @@ def test_http_401_stops_the_build_at_once(tmp_path):
                         "openai:fake", "--base-url", srv.url)
         sent = len(srv.log)
     assert proc.returncode == 2 and "answered 401" in proc.stderr
-    assert sent <= 8  # the requests already in flight (annotator.concurrency), not a retry storm
+    assert 1 <= sent <= 8  # the requests already in flight (annotator.concurrency), not a retry storm
 
 
 def test_data_check_fails_an_incomplete_or_empty_corpus(tmp_path):

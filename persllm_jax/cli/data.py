@@ -169,5 +169,6 @@ def check_cmd(corpus_dir):
             click.echo(f"{path}: no training rows", err=True)
             bad += 1
     if bad:
-        click.echo(f"error: {bad} problems", err=True)
+        click.echo(f"error: {corpus_dir}: {bad} problem{'' if bad == 1 else 's'} (listed above); not ready to train on",
+                   err=True)
         sys.exit(1)
