@@ -82,20 +82,16 @@ def temp_beside(out: str | Path) -> Path:
     """A fresh, empty folder next to OUT (same filesystem, so the final rename is atomic)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed writer: never published, safe to drop
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # ours from before, or a killed writer's: never published
         pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(stale)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # our own: temp_beside empties it itself
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
