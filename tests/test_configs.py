@@ -83,8 +83,10 @@ def test_paper_recipe(path):
     sft = recipe.train_config(cfg, "sft")
     # the paper's SFT hyperparameters (notes 2.1); LoRA variants (full fine-tuning does not fit) use a LoRA step size
     assert (sft.weight_decay, sft.warmup_steps, sft.epochs) == (0.1, 50, 1.0)
-    # the paper's 3000-token rows, except 8B on 16 GB v5e chips (persllm plan: only 2048 fits, see the config)
-    assert sft.max_length == (2048 if (size, hw) == ("8b", "tpu-v5e-8") else 3000)
+    # the paper's 3000-token rows (8B on 16 GB v5e chips fits them since flash attention and the chunked loss)
+    assert sft.max_length == 3000
+    dpo = recipe.train_config(cfg, "dpo")
+    assert dpo.max_length == 3000 and dpo.batch_size * dpo.grad_accum == 16
     assert (sft.adam_b1, sft.adam_b2, sft.adam_eps, sft.max_grad_norm, sft.min_lr_ratio) == (0.9, 0.95, 1e-5, 1.0, 0.1)
     assert sft.batch_size * sft.grad_accum == 16
     if not sft.lora.enabled:

@@ -90,3 +90,6 @@ def test_model_specs(tmp_path):
         shapes.model_config("shape:llama-99b")
     r = _plan(CONFIGS / "plan_8b_lora.yaml", "--device-kind", "tpu-v9")
     assert r.exit_code == 2 and "tpu-v9" in r.output
+    # the TPU-only options are refused on the CPU plan, not ignored
+    r = _plan(CONFIGS / "plan_8b_lora.yaml", "--no-roofline")
+    assert r.exit_code == 2 and "--target tpu-" in r.output

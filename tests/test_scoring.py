@@ -40,6 +40,12 @@ def test_continuation_logprobs_match_transformers(arch, tmp_path):
     # a batch of one gives the same numbers as the batch (no leakage between rows)
     one, _ = continuation_logprobs(gen, prompts[2:], conts[2:])
     np.testing.assert_allclose(one, total[2:], rtol=1e-5, atol=1e-5)
+    # a prompt shared by several continuations is prefilled once (a group of 4 split over batches of 3, beside
+    # other prompts): the same numbers as transformers on each whole sequence
+    shared_p = [prompts[0]] * 4 + [prompts[1], prompts[2], prompts[1]]
+    shared_c = _random_tokens(4, (2, 7, 1, 12, 4, 3, 9))
+    got, _ = continuation_logprobs(gen, shared_p, shared_c, batch_size=3)
+    np.testing.assert_allclose(got, [_hf_logprob(hf, p, c) for p, c in zip(shared_p, shared_c)], rtol=1e-4, atol=1e-4)
 
 
 def test_continuation_logprobs_with_an_adapter_match_a_full_forward(tmp_path):

@@ -158,6 +158,29 @@ def test_fake_scorer_known_answers(demo_probes):
     assert cells["late"]["early"]["claims"] == 1.0 and cells["late"]["late"]["claims"] == 1.0
     assert bad["leakage"]["cells"]["early"]["late"]["claims"] == 1.0  # the leaking model claims the future
     assert bad["leakage"]["per_persona"]["ada_lovelace"]["cells"]["late"]["early"]["claims"] == 0.0
+    assert good["contrasts"]["future"]["accuracy"] == 1.0 and bad["contrasts"]["future"]["accuracy"] == 0.0
+    assert good["contrasts"]["presence"]["accuracy"] == 1.0 and bad["contrasts"]["presence"]["accuracy"] == 0.0
+    assert good["contrasts"]["future"]["n"] > 0 and good["contrasts"]["presence"]["n"] > 0
+
+
+def test_contrasts_cancel_an_answer_template_prior(demo_probes):
+    """A scorer that likes some answer texts whatever the stage (a copied fact, "No, I was not there") decides
+    every per-kind accuracy by the templates alone; the stage contrasts see through it: 0.5, the stage ignored."""
+    def prior(convs, answers):
+        return [(1.0 if a.startswith(("Yes, I know", "No, I was not")) else 0.0) + 0.01 * len(a) for a in answers]
+
+    order = {p.key: [s.id for s in p.stages] for p in load_personas(DEMO)}
+    res = timeline.summarise(timeline.score_free(prior, demo_probes, _convs(demo_probes)), order)
+    assert res["per_kind"]["future"]["accuracy"] == 0.0 and res["per_kind"]["past-only"]["accuracy"] == 1.0
+    assert res["per_kind"]["past-absence"]["accuracy"] == 1.0 and res["per_kind"]["past-presence"]["accuracy"] == 0.0
+    assert res["contrasts"]["future"]["accuracy"] == 0.5 and res["contrasts"]["presence"]["accuracy"] == 0.5
+    # the eval's per-cell cap keeps the pairs: one probe per cell, and every persona's future probe has its
+    # past-only twin (same question, asked at the fact's stage)
+    capped = timeline._capped(demo_probes, 1)
+    futures = [r for r in capped if r["kind"] == "future"]
+    assert futures and len(capped) < len(demo_probes)
+    assert all(any(o["kind"] == "past-only" and o["persona"] == f["persona"] and o["question"] == f["question"]
+                   for o in capped) for f in futures)
 
 
 def _premise_probes():

@@ -112,3 +112,50 @@ ENTRY %main (p0: bf16[4,8], p1: bf16[8,16], p2: f32[4,8], p3: f32[8,2]) -> f32[4
     m = matmul_dtypes(text)
     assert m["by_dtype"] == {"bf16 x bf16": 2 * 4 * 16 * 8, "f32 x f32": 2 * 4 * 2 * 8} and m["count"] == 2
     assert m["bf16_fraction"] == pytest.approx(1024 / (1024 + 128))
+
+
+_COSTS = """
+import json, sys
+from persllm_jax.model.shapes import model_config
+from persllm_jax.train.config import TrainConfig, load_config
+from persllm_jax.train.tpu_plan import TARGETS, _unrolled_layers_cost, layer_extrapolated_cost, topology_devices
+cfg = load_config(TrainConfig, None, base=json.loads(sys.argv[1]))
+devices, mcfg = topology_devices(TARGETS["tpu-v5e-8"]), model_config(cfg.model)
+print(json.dumps({"whole": _unrolled_layers_cost("sft", cfg, devices, mcfg),
+                  "scaled": layer_extrapolated_cost("sft", cfg, devices, mcfg, dp=8)}))
+"""
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_costs_of_one_micro_step_scaled_match_the_whole_step(tmp_path):
+    """The roofline's costs come from one micro-step x grad_accum (unrolling every micro-step made an 8B plan's
+    costs-only compiles take 20 minutes and 20 GB of host memory): they match the whole step's unrolled costs up
+    to the optimizer update counted grad_accum times."""
+    import subprocess
+    import sys
+
+    from persllm_jax.train.tpu_plan import TARGETS, worker_env
+
+    cfg = _stages(tmp_path, (1, 8, 1), dtype="bfloat16", grad_accum=2, **{"lora.enabled": True})["sft"]
+    proc = subprocess.run([sys.executable, "-c", _COSTS, json.dumps(cfg)], env=worker_env(TARGETS["tpu-v5e-8"]),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    whole, scaled = got["whole"], got["scaled"]
+    assert scaled["scale"] == 2 and "scaled_from_one_row" not in scaled
+    assert scaled["flops"] == pytest.approx(whole["flops"], rel=0.02), got
+    assert scaled["bytes"] == pytest.approx(whole["bytes"], rel=0.10), got
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_memory_only_plan_of_one_stage(tmp_path):
+    """--stage sft --no-roofline: one stage, the same memory verdict, no costs-only compiles."""
+    stages = _stages(tmp_path, (1, 8, 1), dtype="bfloat16")
+    p = with_roofline(run_tpu_worker({"sft": stages["sft"]}, "tpu-v5e-8", costs=False))
+    s = p["stages"]["sft"]
+    assert list(p["stages"]) == ["sft"] and s["fits_compiler"] and s["cost_skipped"] and s["cost"] is None
+    assert "roofline" not in s and s["bytes"]["peak"] > s["bytes"]["weights"] > 0
+    text, fits = report(p, 0.9)
+    assert fits and "roofline not computed (--no-roofline" in text and text.count("FITS") == 1

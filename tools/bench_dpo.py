@@ -1,6 +1,7 @@
 """Benchmark: our DPO vs TRL `DPOTrainer` + PEFT, same weights, pairs and LoRA settings, both on the CPU, one run.
 
-    python tools/bench_dpo.py [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--precompute] [--skip-trl]
+    python tools/bench_dpo.py [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--trl-modes padded,grouped]
+                              [--precompute] [--skip-trl]
     python tools/bench_dpo.py --long [...]   # long pairs (documents up to ~1500 tokens), rows of 2048
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; TRL gets the same fp32 weights as a transformers model through
@@ -20,7 +21,12 @@ Each side runs in its own subprocess for one epoch; the first step (compilation 
                       (+ 2N + A for the online reference forward), N = matmul weights incl. the vocabulary
                       projection, A = 4·L·H·hd·T, T = max_length (dpo.dpo_flops_per_token).
 Ours packs whole [prompt | chosen | rejected] documents into rows of `max_length`, the prompt computed once for
-both answers, and projects only completion positions onto the vocabulary; TRL pads [chosen; rejected] batches.
+both answers, and projects only completion positions onto the vocabulary; TRL pads [chosen; rejected] batches,
+in each of its ways of batching (`--trl-modes`, each its own subprocess; the fastest is the peer of the ratio):
+    padded   its default: pairs in random order, each batch padded to its longest
+    grouped  `train_sampling_strategy="group_by_length"` on the padded pair length (prompt + longer answer), so a
+             batch holds pairs of similar length (TRL 1.16's DPO `padding_free` is disabled, it says, after a
+             refactor, so there is no packed mode)
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu, when installed, would probe for a TPU
 
 from bench_train import PERSONAS, PHRASES, TARGETS, TOPICS, WORDS  # noqa: E402
 
+TRL_MODES = ("padded", "grouped")
 MATERIALS = ["Letters from that year mention {t} often.", "In the diary: '{t} again today, and nobody listens.'",
              "A newspaper clipping about {t} is pinned above the desk.", "Notes from class on {t}, underlined twice."]
 
@@ -110,7 +118,9 @@ def side_trl(args, tmp: Path) -> dict:
     rows = [json.loads(ln) for ln in (tmp / "corpus" / "dpo" / "train.jsonl").read_text().splitlines()]
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     cfg = DPOConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=args.trl_batch,
-                    gradient_accumulation_steps=1, learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0,
+                    gradient_accumulation_steps=1, length_column_name="length",
+                    remove_unused_columns=args.trl_mode != "grouped",  # the sampler reads the "length" column
+                    train_sampling_strategy="group_by_length" if args.trl_mode == "grouped" else "random", learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
                     max_length=args.max_length, beta=0.1, loss_type=["sigmoid"], use_cpu=True, bf16=False,
                     fp16=False, gradient_checkpointing=False, precompute_ref_log_probs=args.precompute, seed=0,
@@ -118,6 +128,9 @@ def side_trl(args, tmp: Path) -> dict:
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=torch_model_from_ours(), args=cfg, train_dataset=ds,
                          processing_class=load_tokenizer("smollm2"), peft_config=peft_cfg)
+    if args.trl_mode == "grouped":  # the length a pair is padded to: its prompt and its longer answer
+        trainer.train_dataset = trainer.train_dataset.map(
+            lambda f: {"length": len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"]))})
     counts, times = [], []
     collate = trainer.data_collator
 
@@ -138,7 +151,7 @@ def side_trl(args, tmp: Path) -> dict:
     counts = counts[-steps:]  # a precompute pass also goes through the collator first
     return {"tokens_per_s": sum(counts[1:steps]) / (times[-1] - times[0]), "steps": steps,
             "wall_s": time.perf_counter() - t0, "final_loss": result.training_loss,
-            "useful_tokens_epoch": sum(counts), "torch_threads": torch.get_num_threads()}
+            "useful_tokens_epoch": sum(counts), "torch_threads": torch.get_num_threads(), "mode": args.trl_mode}
 
 
 def _child(args):
@@ -151,15 +164,18 @@ def _child(args):
 
 
 def _spawn(side: str, args, tmp: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--tmp", str(tmp), "--n", str(args.n),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side.split(":")[0], "--tmp", str(tmp), "--n", str(args.n),
            "--rows", str(args.rows), "--accum", str(args.accum), "--trl-batch", str(args.trl_batch), "--max-length", str(args.max_length),
-           "--peak", str(args.peak)] + (["--precompute"] if args.precompute else []) + (["--long"] if args.long else [])
+           "--peak", str(args.peak), "--trl-mode", (side.split(":") + ["padded"])[1]] + (["--precompute"] if args.precompute else []) + (["--long"] if args.long else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        if side == "ours":
+            sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        print(f"{side} failed (exit {proc.returncode}), left out of the ratio:\n{proc.stderr[-2000:]}", flush=True)
+        return None
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -173,6 +189,8 @@ def main():
                     "default 768, 2048 with --long")
     ap.add_argument("--long", action="store_true", help="long pairs (persona material and answers run long)")
     ap.add_argument("--precompute", action="store_true", help="reference log-probs precomputed on both sides")
+    ap.add_argument("--trl-modes", default="padded,grouped", help="TRL's ways of batching to run (see above)")
+    ap.add_argument("--trl-mode", default="padded", choices=TRL_MODES, help=argparse.SUPPRESS)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s for MFU (0 = measure a matmul)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -194,18 +212,26 @@ def main():
               f"{'precomputed' if args.precompute else 'online'}; peak fp32 matmul {args.peak / 1e9:.1f} GFLOP/s")
         ours = _spawn("ours", args, tmp)
         print("ours:", json.dumps(ours))
-        trl = None if args.skip_trl else _spawn("trl", args, tmp)
-        if trl:
-            print("trl: ", json.dumps(trl))
-    print(f"\n{'':8}{'tokens/s':>10}{'peak RSS MiB':>14}{'steps':>7}{'wall s':>8}")
-    for name, r in (("ours", ours), ("TRL", trl)):
-        if r:
-            print(f"{name:8}{r['tokens_per_s']:>10.1f}{r['peak_rss_mib']:>14.0f}{r['steps']:>7}{r['wall_s']:>8.1f}")
+        modes = [] if args.skip_trl else args.trl_modes.split(",")
+        if not set(modes) <= set(TRL_MODES):
+            sys.exit(f"--trl-modes: each one of {', '.join(TRL_MODES)}, got {args.trl_modes!r}")
+        trls = {}
+        for mode in modes:
+            r = _spawn(f"trl:{mode}", args, tmp)
+            if r is not None:
+                trls[mode] = r
+                print(f"trl {mode}: ", json.dumps(r))
+    best = max(trls, key=lambda m: trls[m]["tokens_per_s"]) if trls else None
+    print(f"\n{'':14}{'tokens/s':>10}{'peak RSS MiB':>14}{'steps':>7}{'wall s':>8}")
+    for name, r in (("ours", ours), *((f"TRL {m}" + ("*" if m == best else ""), trls[m]) for m in trls)):
+        print(f"{name:14}{r['tokens_per_s']:>10.1f}{r['peak_rss_mib']:>14.0f}{r['steps']:>7}{r['wall_s']:>8.1f}")
     print(f"ours MFU {100 * ours['mfu']:.2f}% ({ours['flops_per_token'] / 1e6:.0f} MFLOP/token)")
-    if trl:
-        assert ours["useful_tokens_epoch"] == trl["useful_tokens_epoch"], "the two sides tokenised differently"
-        print(f"throughput ratio ours/TRL = {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x (target >= 1.5x); "
-              f"peak memory ours/TRL = {ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}")
+    if trls:
+        for m, trl in trls.items():
+            assert ours["useful_tokens_epoch"] == trl["useful_tokens_epoch"], f"TRL {m} tokenised differently"
+        trl, low = trls[best], min(r["peak_rss_mib"] for r in trls.values())
+        print(f"throughput ratio ours/TRL {best} (its fastest) = {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
+              f"(target >= 1.5x); peak memory ours/TRL's smallest = {ours['peak_rss_mib'] / low:.2f}")
 
 
 if __name__ == "__main__":

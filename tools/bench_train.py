@@ -1,6 +1,7 @@
 """Benchmark: our LoRA SFT vs TRL `SFTTrainer` + PEFT, same weights, data and LoRA settings, both on the CPU.
 
-    python tools/bench_train.py [--n 48] [--batch-rows 4] [--trl-batch 8] [--dists long,short] [--skip-trl]
+    python tools/bench_train.py [--n 48] [--batch-rows 4] [--trl-batch 8] [--trl-modes padded,grouped,packed]
+                                [--dists long,short] [--skip-trl]
     python tools/bench_train.py --dists long --skip-trl --remat   # ours only, one distribution, remat on
 
 The DPO benchmark is its own script, tools/bench_dpo.py.
@@ -14,8 +15,14 @@ run long), and the earlier `short`, 64-496 tokens in rows of 512. Loss on the as
 warm-up) is excluded from timing. Each side runs in its own subprocess; peak RSS = its ru_maxrss.
 
 Metric: useful tokens per second = non-padding tokens of the conversations processed per second of
-training. Ours packs conversations into rows of max_length with segment ids; TRL runs its default (one
-conversation per row, padded to the longest in the batch).
+training. Ours packs conversations into rows of max_length with segment ids. TRL runs in each of its ways of
+batching (`--trl-modes`, each its own subprocess, the best one is the peer of the ratios):
+    padded   its default: one conversation per row, padded to the longest in the batch of --trl-batch
+    grouped  the same, with `train_sampling_strategy="group_by_length"` (batches of similar lengths, less padding)
+    packed   `packing=True` (best-fit decreasing into rows of max_length, padding-free: position ids, which
+             transformers' sdpa turns into a block-diagonal mask): one packed row per forward and --batch-rows
+             accumulation steps, our tokens per optimizer step (a flattened batch of several rows would pay
+             attention over all of them at once)
 
 MFU = tokens/s x FLOPs/token / peak, peak = measured fp32 matmul FLOP/s (2048^3, jax, same machine).
 FLOPs/token (LoRA, frozen base) = 4·N + 6·N_lora + 3·A with N = matmul weights of all layers + the vocabulary
@@ -38,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu, when installed, would probe for a TPU
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PERSONAS = [("Hermione Granger", "1994"), ("Harry Potter", "1998"), ("Albus Dumbledore", "1996"),
@@ -47,6 +55,7 @@ TOPICS = ["the library", "house-elves", "Quidditch", "the Triwizard Tournament",
 PHRASES = ["Honestly, I think", "You have to understand that", "When I first read about it,", "It's not that simple;",
            "I remember clearly that", "Of course, the real question is whether", "Frankly,", "To be fair,",
            "What people forget is that", "I'd argue that"]
+TRL_MODES = ("padded", "grouped", "packed")
 DISTS = {"long": {"lo": 96, "hi": 1000, "max_length": 1024}, "short": {"lo": 64, "hi": 496, "max_length": 512}}
 WORDS = ("magic rules friends study careful brave loyal history wand spell castle owl letter teacher exam rights "
          "fair wrong right always never perhaps certainly reason evidence book chapter night storm fire truth "
@@ -152,7 +161,7 @@ def torch_model_from_ours(spec: str = "smollm2"):
     return model.eval()
 
 
-def run_trl(convs, args, tmp: Path):
+def run_trl(convs, args, tmp: Path, mode: str = "padded"):
     import torch
     import transformers
     from datasets import Dataset
@@ -165,10 +174,13 @@ def run_trl(convs, args, tmp: Path):
     model = torch_model_from_ours()
     tok = load_tokenizer("smollm2")
     ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
-    cfg = SFTConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=args.trl_batch,
-                    gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
+    packed = mode == "packed"
+    accum = args.batch_rows if packed else 1
+    cfg = SFTConfig(output_dir=str(tmp / "trl"), num_train_epochs=1,
+                    per_device_train_batch_size=1 if packed else args.trl_batch, gradient_accumulation_steps=accum,
+                    train_sampling_strategy="group_by_length" if mode == "grouped" else "random", learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
-                    max_length=DISTS[args.dist]["max_length"], packing=False, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
+                    max_length=DISTS[args.dist]["max_length"], packing=packed, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
                     gradient_checkpointing=False,
                     seed=0, dataloader_num_workers=0, disable_tqdm=True)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -193,10 +205,10 @@ def run_trl(convs, args, tmp: Path):
     result = trainer.train()
     wall = time.perf_counter() - t0
     steps = len(times)
-    tokens = sum(counts[1:steps])  # steps 2..K (the collator is called in step order)
+    tokens = sum(counts[accum:accum * steps])  # steps 2..K (the collator is called in order, accum times a step)
     return {"tokens_per_s": tokens / (times[-1][0] - times[0][0]),
             "tokens_per_cpu_s": tokens / (times[-1][1] - times[0][1]), "steps": steps, "wall_s": wall,
-            "final_loss": result.training_loss, "tokens": sum(counts[:steps]),
+            "final_loss": result.training_loss, "tokens": sum(counts[:accum * steps]), "mode": mode,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -209,7 +221,7 @@ def run_side(args) -> dict:
     d = DISTS[args.dist]
     convs = make_conversations(load_tokenizer("smollm2"), args.n, lo=d["lo"], hi=d["hi"])
     with tempfile.TemporaryDirectory() as d:
-        res = run_ours(convs, args, Path(d)) if args.side == "ours" else run_trl(convs, args, Path(d))
+        res = run_ours(convs, args, Path(d)) if args.side == "ours" else run_trl(convs, args, Path(d), args.trl_mode)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
@@ -218,7 +230,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=48, help="conversations (one epoch each side)")
     ap.add_argument("--batch-rows", type=int, default=4, help="our packed rows of max_length tokens per step")
-    ap.add_argument("--trl-batch", type=int, default=8, help="TRL conversations per step")
+    ap.add_argument("--trl-batch", type=int, default=8, help="TRL conversations per step (padded, grouped)")
+    ap.add_argument("--trl-modes", default="padded,grouped,packed",
+                    help="TRL's ways of batching to run (padded, grouped, packed; see above); the best is the peer")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--dists", default="long,short", help=f"length distributions, table rows ({', '.join(DISTS)})")
     ap.add_argument("--attention", default="auto", help="our attention implementation (config key `attention`)")
@@ -227,6 +241,7 @@ def main():
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--dist", default="short", choices=list(DISTS), help=argparse.SUPPRESS)  # internal: the side's
     ap.add_argument("--side", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)  # internal
+    ap.add_argument("--trl-mode", default="padded", choices=TRL_MODES, help=argparse.SUPPRESS)  # internal
     ap.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)  # internal: measured once
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -244,7 +259,10 @@ def main():
     print(f"measured matmul peak {args.peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores", flush=True)
     res = {"peak_flops": args.peak}
-    sides = [s for s, skip in (("ours", args.skip_ours), ("trl", args.skip_trl)) if not skip]
+    modes = args.trl_modes.split(",")
+    if not set(modes) <= set(TRL_MODES):
+        sys.exit(f"--trl-modes: each one of {', '.join(TRL_MODES)}, got {args.trl_modes!r}")
+    sides = ([] if args.skip_ours else ["ours"]) + ([] if args.skip_trl else [f"trl:{m}" for m in modes])
     for dist in args.dists.split(","):
         d = DISTS[dist]
         lens = sorted(n_tokens(tok, c) for c in make_conversations(tok, args.n, lo=d["lo"], hi=d["hi"]))
@@ -254,27 +272,35 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             for side in sides:
                 out = Path(tmp) / f"{side}.json"
-                argv = [sys.executable, __file__, "--side", side, "--json", str(out), "--peak", str(args.peak),
+                argv = [sys.executable, __file__, "--side", side.split(":")[0], "--trl-mode", (side.split(":") + ["padded"])[1],
+                        "--json", str(out), "--peak", str(args.peak),
                         "--n", str(args.n), "--batch-rows", str(args.batch_rows), "--trl-batch", str(args.trl_batch),
                         "--dtype", args.dtype, "--dist", dist, "--attention", args.attention] + (["--remat"] if args.remat else [])
-                subprocess.run(argv, check=True)
+                if subprocess.run(argv).returncode != 0:
+                    if side == "ours":
+                        sys.exit("ours failed (see above)")
+                    print(f"  {side}: failed (see above); left out of the ratios", flush=True)
+                    continue
                 r_d[side] = r = json.loads(out.read_text())
                 r["mfu"] = r["tokens_per_s"] * r_d["fpt"] / args.peak
                 print(f"  {side}: " + json.dumps(r), flush=True)
-        if "ours" in r_d and "trl" in r_d:
-            r_d["ratio"] = r_d["ours"]["tokens_per_s"] / r_d["trl"]["tokens_per_s"]
-            r_d["ratio_cpu"] = r_d["ours"]["tokens_per_cpu_s"] / r_d["trl"]["tokens_per_cpu_s"]
-            r_d["rss_ratio"] = r_d["ours"]["peak_rss_mb"] / r_d["trl"]["peak_rss_mb"]
-    print(f"\n{'data':8}{'side':6}{'tok/s':>9}{'tok/CPU-s':>11}{'MFU':>7}{'peak RSS MB':>13}{'loss':>8}"
+        trl = [side for side in sides if side.startswith("trl") and side in r_d]
+        if "ours" in r_d and trl:
+            best = r_d["trl_best"] = max(trl, key=lambda side: r_d[side]["tokens_per_s"])
+            r_d["ratio"] = r_d["ours"]["tokens_per_s"] / r_d[best]["tokens_per_s"]
+            r_d["ratio_cpu"] = r_d["ours"]["tokens_per_cpu_s"] / r_d[best]["tokens_per_cpu_s"]
+            r_d["rss_ratio"] = r_d["ours"]["peak_rss_mb"] / min(r_d[side]["peak_rss_mb"] for side in trl)
+    print(f"\n{'data':8}{'side':12}{'tok/s':>9}{'tok/CPU-s':>11}{'MFU':>7}{'peak RSS MB':>13}{'loss':>8}"
           f"{'x TRL tok/s':>13}{'x TRL CPU-s':>13}{'RSS/TRL':>9}")
     for dist in args.dists.split(","):
         r_d = res[dist]
-        for side in sides:
+        for side in (side for side in sides if side in r_d):
             r = r_d[side]
             extra = (f"{r_d['ratio']:>13.2f}{r_d['ratio_cpu']:>13.2f}{r_d['rss_ratio']:>9.2f}"
                      if side == "ours" and "ratio" in r_d else "")
-            print(f"{dist:8}{side:6}{r['tokens_per_s']:>9.1f}{r['tokens_per_cpu_s']:>11.1f}{100 * r['mfu']:>6.1f}%"
+            print(f"{dist:8}{side + ('*' if side == r_d.get('trl_best') else ''):12}{r['tokens_per_s']:>9.1f}{r['tokens_per_cpu_s']:>11.1f}{100 * r['mfu']:>6.1f}%"
                   f"{r['peak_rss_mb']:>13.0f}{r['final_loss']:>8.4f}{extra}")
+    print("x TRL: against TRL's fastest way of batching (*); RSS/TRL: against its smallest peak RSS")
     print("targets: >= 2x TRL useful tok/s, peak RSS <= TRL's; the CPU-second ratio is the one to trust on a shared "
           "machine")
     print("FLOPs/token = 4*N + 6*N_lora + 3*A; N = layer matmul weights + vocab projection, A = 4*L*H*hd*T "

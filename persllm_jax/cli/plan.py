@@ -66,6 +66,11 @@ def _plan_config(config_file, sets, model):
 @click.option("--target", default="cpu", show_default=True, metavar="TARGET",
               help="cpu (emulated devices, --devices/--device-kind) or a TPU slice compiled by the real TPU "
                    "compiler, SFT and DPO steps: " + ", ".join(TARGETS) + ". See docs/scale.md.")
+@click.option("--stage", type=click.Choice(["all", "sft", "dpo"]), default="all", show_default=True,
+              help="--target tpu-...: plan only this stage's step (a recipe's sft or dpo section).")
+@click.option("--no-roofline", is_flag=True,
+              help="--target tpu-...: memory only, no HLO costs and roofline (their costs-only compiles, every loop "
+                   "unrolled, take longer than the step's own: ~20 minutes for an 8B step on 2 cores).")
 @click.option("--serve", is_flag=True,
               help="Plan `persllm serve` instead of training: one model replica per chip, its prefill and decode "
                    "programs for --batch slots of --cache-tokens positions.")
@@ -79,8 +84,8 @@ def _plan_config(config_file, sets, model):
               help="--serve: adapters in the bank (persllm serve --max-adapters); 0 = the base only.")
 @click.option("--lora-rank", default=16, show_default=True, type=click.IntRange(1),
               help="--serve: the largest adapter rank (the bank pads every adapter to it).")
-def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config, target, serve, batch,
-                 cache_tokens, serve_dtype, adapters, lora_rank):
+def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, print_config, target, stage,
+                 no_roofline, serve, batch, cache_tokens, serve_dtype, adapters, lora_rank):
     from persllm_jax.settings import dump
 
     if serve:
@@ -96,7 +101,10 @@ def plan_command(config_file, n_devices, kind, model, sets, headroom, as_json, p
         click.echo(dump(cfg), nl=False)
         return
     if target != "cpu":
-        return _plan_tpu(config_file, target, cfg, model, sets, headroom, as_json)
+        return _plan_tpu(config_file, target, cfg, model, sets, headroom, as_json, stage, not no_roofline)
+    if stage != "all" or no_roofline:
+        raise click.UsageError("--stage and --no-roofline go with --target tpu-... (the CPU plan is the SFT step's "
+                               "memory)")
     n = n_devices or default_devices(cfg)
     cap = capacity(kind, n)
     result = run_worker(plan_config_dict(cfg), n)
@@ -134,13 +142,17 @@ def _stage_configs(config_file, sft, sets, model) -> dict:
     return stages
 
 
-def _plan_tpu(config_file, target, sft, model, sets, headroom, as_json):
+def _plan_tpu(config_file, target, sft, model, sets, headroom, as_json, stage="all", costs=True):
     """--target tpu-...: the SFT and DPO steps compiled by libtpu in a worker; exit 1 with fixes when one does not fit."""
     from persllm_jax.train.tpu_plan import run_tpu_worker
     from persllm_jax.train.tpu_report import refusal, report, with_roofline
 
     cfgs = _stage_configs(config_file, sft, sets, model)
-    result = with_roofline(run_tpu_worker({k: dataclasses.asdict(c) for k, c in cfgs.items()}, target))
+    if stage != "all":
+        if stage not in cfgs:
+            raise click.UsageError(f"--stage {stage}: {config_file} has no {stage} step to plan")
+        cfgs = {stage: cfgs[stage]}
+    result = with_roofline(run_tpu_worker({k: dataclasses.asdict(c) for k, c in cfgs.items()}, target, costs))
     text, fits = report(result, headroom)
     click.echo(json.dumps({**result, "headroom": headroom, "fits": fits}, indent=1) if as_json else text)
     if not fits:

@@ -49,6 +49,8 @@ def write(results: dict, out: Path) -> list[str]:
             ("point-in-time accuracy, judge-free", lambda s: s["timeline"]["free"]["overall"]["accuracy"]),
             ("point-in-time future accuracy, judge-free",
              lambda s: s["timeline"]["free"]["per_kind"]["future"]["accuracy"]),
+            ("point-in-time future contrast, judge-free (0.5 = stage ignored)",
+             lambda s: s["timeline"]["free"]["contrasts"]["future"]["accuracy"]),
             ("premise calibration (refute vs over-refusal)", lambda s: s["timeline"]["free"]["premise"]["calibration"])]
     for label, value_of in rows:
         vals = []
@@ -201,6 +203,15 @@ def timeline_section(results: dict, out: Path) -> tuple[list[str], list[str]]:
         pk = t["free"]["per_kind"]
         md.append(f"| {n} | " + " | ".join(_accuracy_cell(pk.get(k)) for k in kinds) +
                   f" | {_accuracy_cell(t['free']['overall'])} |")
+    if any(t["free"].get("contrasts") for t in systems.values()):
+        md += ["", "Stage contrasts (judge-free, prior-free: the same question and answers in two conditions, so "
+               "the answers' own likelihood cancels; 0.5 = the stage makes no difference). future: the model affirms "
+               "a fact more at or after its stage than before it; presence: it claims presence more for events the "
+               "persona took part in than for those it did not (same stage). n = pairs.\n",
+               "| system | future contrast | presence contrast |", "|---|---|---|"]
+        for n, t in systems.items():
+            c = t["free"].get("contrasts") or {}
+            md.append(f"| {n} | {_accuracy_cell(c.get('future'))} | {_accuracy_cell(c.get('presence'))} |")
     if any(t.get("judged") for t in systems.values()):
         md += ["", "Judged (the free answer, judged 0/1 for spatiotemporal consistency; TimeChara's protocol):\n",
                "| system | " + " | ".join(kinds) + " | all | unparsable | failed |", "|---|" + "---|" * (len(kinds) + 3)]

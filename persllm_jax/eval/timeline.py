@@ -10,6 +10,14 @@ system message of the stage they are asked at, and scored two ways:
 - judged: the model's free answer, judged 0/1 for spatiotemporal consistency against the probe's facts by an
   LLM judge, following TimeChara's protocol (reasoning, then the score on the last line; an answer must pass
   the spatial fact, when there is one, and the temporal fact); unparsable judgements are counted, not scored.
+- contrasts (judge-free, prior-free): the same question with the same answers in two conditions, so the answers'
+  own likelihood cancels (a fact copied from the question is likely whatever the stage, and with fixed answer
+  templates the per-kind accuracy can be decided by the templates alone). `future`: a fact asked before its stage
+  (a future probe) and at or after it (the past-only probe of the same question): right when the model affirms
+  the fact more where it is known, i.e. margin(past-only) + margin(future) > 0. `presence`: an event the persona
+  took part in against one it did not, same persona and stage asked: right when it claims presence more for the
+  first, margin(past-presence) + margin(past-absence) > 0. Accuracy over the pairs (a tie counts 1/2), with a
+  bootstrap interval; 0.5 is a model that ignores the stage.
 Premise calibration (anti-induction): `error` probes (false premise: reject) and their matched `control`
 probes (true premise: accept); over-refusal = share of controls rejected, calibration = mean of the refute
 rate and 1 - over-refusal (a persona that refuses everything scores 0.5, not 1).
@@ -17,6 +25,7 @@ rate and 1 - over-refusal (a persona that refuses everything scores 0.5, not 1).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -60,18 +69,14 @@ def probe_files(given, configured, corpus) -> list[str]:
 
 def load(paths, max_per_cell: int | None = None) -> tuple[list[dict], list[dict]]:
     """(probes, sources): every probe file (ours or TimeChara's), optionally at most max_per_cell per persona,
-    kind, asked stage and fact stage (the first ones in file order)."""
+    kind, asked stage and fact stage (_capped), in file order."""
     from data_gen.timechara import load_any
 
     probes, sources, seen = [], [], set()
     for path in paths:
         rows, fmt = load_any(path)  # a bad file raises DataGenError naming file:line
-        kept, per = [], defaultdict(int)
-        for r in rows:
-            cell = (r["persona"], r["kind"], r["stage"], r.get("fact_stage"))
-            per[cell] += 1
-            if max_per_cell is not None and per[cell] > int(max_per_cell):
-                continue
+        kept = []
+        for r in rows if max_per_cell is None else _capped(rows, int(max_per_cell)):
             if r["id"] in seen:
                 raise EvalError(f"{path}: probe id {r['id']!r} also in an earlier probe file")
             seen.add(r["id"])
@@ -83,6 +88,24 @@ def load(paths, max_per_cell: int | None = None) -> tuple[list[dict], list[dict]
                         "origins": dict(origins)})
         probes += kept
     return probes, sources
+
+
+def _capped(rows: list[dict], cap: int) -> list[dict]:
+    """At most `cap` probes per (persona, kind, asked stage, fact stage), chosen so the stage contrasts have pairs:
+    questions asked in several cells first (a fact asked before and after its stage), then by a hash of the
+    question (a fixed, order-free choice); kept in file order."""
+    cell = lambda r: (r["persona"], r["kind"], r["stage"], r.get("fact_stage"))  # noqa: E731
+    cells_of = defaultdict(set)
+    for r in rows:
+        cells_of[(r["persona"], r["question"])].add(cell(r))
+    rank = sorted(range(len(rows)), key=lambda i: (-len(cells_of[(rows[i]["persona"], rows[i]["question"])]),
+                                                   hashlib.sha1(rows[i]["question"].encode()).hexdigest()))
+    per, keep = defaultdict(int), set()
+    for i in rank:
+        per[cell(rows[i])] += 1
+        if per[cell(rows[i])] <= cap:
+            keep.add(i)
+    return [r for i, r in enumerate(rows) if i in keep]
 
 
 def system_messages(rows: list[dict]) -> dict[tuple[str, str], str]:
@@ -122,7 +145,7 @@ def score_free(answer_scorer, probes: list[dict], convs: list[list[dict]]) -> li
         good, bad = scores[s], scores[s + 1:s + n].max()
         ok = bool(good > bad)
         recs.append({"id": p["id"], "persona": p["persona"], "stage": p["stage"], "fact_stage": p.get("fact_stage"),
-                     "kind": p["kind"], "correct": ok, "margin": float(good - bad),
+                     "kind": p["kind"], "question": p["question"], "correct": ok, "margin": float(good - bad),
                      "claims_knowledge": (ok if p["kind"] == "past-only" else not ok) if p["kind"] in KNOWLEDGE else None})
     return recs
 
@@ -164,6 +187,21 @@ def leakage(recs: list[dict], stage_order: dict[str, list[str]] | None = None) -
             "per_persona": {p: matrix(rs, (stage_order or {}).get(p, [])) for p, rs in sorted(per.items())}}
 
 
+def contrasts(recs: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """The prior-free pair accuracies (module docstring): "future" over (future, past-only) probes of the same
+    persona and question, "presence" over (past-presence, past-absence) probes of the same persona and asked stage."""
+    by = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        if r.get("margin") is not None:
+            by[r["kind"]][(r["persona"], r["question"] if r["kind"] in KNOWLEDGE else r["stage"])].append(r["margin"])
+    out = {}
+    for name, (k1, k2) in (("future", ("past-only", "future")), ("presence", ("past-presence", "past-absence"))):
+        vals = [float(np.sign(a + b) + 1) / 2 for key, ms in by[k1].items() for a in ms for b in by[k2].get(key, [])]
+        out[name] = {"accuracy": float(np.mean(vals)) if vals else None, "n": len(vals),
+                     "ci95": bootstrap_ci(vals, n_boot, seed) if vals and n_boot else None}
+    return out
+
+
 def summarise(recs: list[dict], stage_order=None, n_boot: int = 1000, seed: int = 0, key: str = "correct") -> dict:
     by_kind = defaultdict(list)
     for r in recs:
@@ -182,6 +220,7 @@ def summarise(recs: list[dict], stage_order=None, n_boot: int = 1000, seed: int 
         out["per_persona"][p] = {k: _acc(v, key, 0) for k, v in sorted(kinds.items())}
     if key == "correct":
         out["leakage"] = leakage(recs, stage_order)
+        out["contrasts"] = contrasts(recs, n_boot, seed)
     out["premise"] = premise(by_kind.get("error", []), by_kind.get("control", []), key)
     return out
 

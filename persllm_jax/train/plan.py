@@ -17,6 +17,7 @@ shape `shape:NAME` (model/shapes.py) that needs no files at all.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -247,13 +248,33 @@ def run_worker(cfg_dict: dict, n_devices: int) -> dict:
     return run_module("persllm_jax.train.plan", [json.dumps(cfg_dict), str(n_devices)], env, PlanError)
 
 
+PROGRESS = "progress: "  # a worker's stderr lines with this prefix reach the user's terminal as they come
+
+
+def progress(msg: str) -> None:
+    """A worker's progress line (long TPU compiles), shown by run_module while the worker runs."""
+    sys.stderr.write(f"{PROGRESS}{msg}\n")
+    sys.stderr.flush()
+
+
 def run_module(module: str, args: list[str], env: dict, error=PlanError) -> dict:
-    """`python -m module args` in `env`; its last stdout line as JSON, or `error` with its last stderr line."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    """`python -m module args` in `env`; its last stdout line as JSON, or `error` with its last stderr line.
+    The worker's progress lines are passed to our stderr as they come; the rest of its stderr is kept for errors."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stdout = pool.submit(proc.stdout.read)  # drained beside stderr, so neither pipe fills and blocks the worker
+        lines = []
+        for line in proc.stderr:
+            if line.startswith(PROGRESS):
+                sys.stderr.write(f"plan: {line[len(PROGRESS):]}")
+                sys.stderr.flush()
+            elif line.strip():
+                lines.append(line.rstrip())
+        out = stdout.result()
+    if proc.wait() != 0:
         raise error(lines[-1] if lines else f"{module} worker failed ({proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _worker_main(argv):

@@ -9,9 +9,11 @@ sft.initial_state, dpo.make_dpo_step, sft.compile_step: same mesh, shardings, do
 abstract shapes only. Per chip the worker reports the TPU compiler's memory analysis (split as plan.compute_plan
 splits it), its cost analysis (for tpu_report.roofline) and the dtypes the compiled matmuls multiply.
 
-XLA's cost analysis counts a loop body once, and the layers are one `scan`: the costs come from the same step
-with 1 and 2 layers and every scan unrolled, extrapolated linearly to L layers (the layers are identical). The
-roofline is a bound (no overlap losses, no collectives' latency): real steps are slower.
+XLA's cost analysis counts a loop body once, and the layers are one `scan`: the costs come from one micro-step of
+the same step with 1 and 2 layers and every scan unrolled, extrapolated linearly to L layers (the layers are
+identical) and multiplied by grad_accum. These costs-only compiles take longer than the real one (an 8B SFT step
+at 3000 tokens on 2 cores: 285 s to compile, 1195 s for its costs with both micro-steps unrolled).
+The roofline is a bound (no overlap losses, no collectives' latency): real steps are slower.
 
 The compile runs in a subprocess (libtpu's environment variables stay there). Without libtpu:
 `pip install "persllm-jax[tpu-aot]"`.
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from persllm_jax.errors import PersllmError
-from persllm_jax.train.plan import GiB, run_module
+from persllm_jax.train.plan import GiB, progress, run_module
 
 INSTALL_HINT = 'pip install "persllm-jax[tpu-aot]"  (libtpu==0.0.42.1, the TPU compiler matching jax 0.10.2)'
 
@@ -203,26 +205,29 @@ def _unrolled_layers_cost(stage: str, cfg, devices, mcfg) -> dict:
     return {k: one[k] + (layers - 1) * (two[k] - one[k]) for k in one}
 
 
-def layer_extrapolated_cost(stage: str, cfg, devices, mcfg) -> dict | None:
+def layer_extrapolated_cost(stage: str, cfg, devices, mcfg, dp: int) -> dict | None:
     """Per-chip cost of the step with L layers from compiles with 1 and 2 layers, all scans unrolled (L <= 2: the
-    step itself, unrolled). Unrolled, every iteration's buffers may be live at once, and the TPU compiler refuses
-    a program over the chip's HBM even for costs alone (libtpu's HBM size flag only lowers the limit): then the
-    costs come from one row per chip and one micro-step, scaled by the step's rows per chip (an overcount of the
-    once-per-step optimizer update, marked `scaled_from_one_row`), or are None when even that is refused."""
-    try:
-        return _unrolled_layers_cost(stage, cfg, devices, mcfg)
-    except Exception as e:  # noqa: BLE001
-        if parse_oom(str(e)) is None:
-            raise
-    dp = abstract_stage(stage, cfg, devices, dataclasses.replace(mcfg, num_layers=1))["dp"]
-    rows = cfg.batch_size // dp * cfg.grad_accum
-    try:
-        one = _unrolled_layers_cost(stage, dataclasses.replace(cfg, batch_size=dp, grad_accum=1), devices, mcfg)
-    except Exception as e:  # noqa: BLE001
-        if parse_oom(str(e)) is None:
-            raise
-        return None
-    return {**{k: v * rows for k, v in one.items()}, "scaled_from_one_row": rows}
+    step itself, unrolled), of one micro-step scaled by grad_accum: the micro-steps are identical, and unrolling
+    them all multiplies the compile's time and host memory for nothing (the scaling overcounts the once-per-step
+    optimizer update, small next to the micro-steps). Unrolled, every iteration's buffers may be live at once, and
+    the TPU compiler refuses a program over the chip's HBM even for costs alone (libtpu's HBM size flag only lowers
+    the limit): then the costs come from one row per chip, scaled by the rows per chip as well (marked
+    `scaled_from_one_row`), or are None when even that is refused. `scale` is the factor applied."""
+    rows = cfg.batch_size // dp
+    tries = [(cfg.grad_accum, dataclasses.replace(cfg, grad_accum=1))]
+    if rows > 1:
+        tries.append((cfg.grad_accum * rows, dataclasses.replace(cfg, batch_size=dp, grad_accum=1)))
+    for scale, c in tries:
+        try:
+            one = _unrolled_layers_cost(stage, c, devices, mcfg)
+        except Exception as e:  # noqa: BLE001
+            if parse_oom(str(e)) is None:
+                raise
+            progress(f"{stage}: the unrolled costs-only compile exceeds HBM at {c.batch_size // dp} rows per chip")
+            continue
+        cost = {**{k: v * scale for k, v in one.items()}, "scale": scale}
+        return {**cost, "scaled_from_one_row": scale} if c.batch_size < cfg.batch_size else cost
+    return None
 
 
 _UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -244,8 +249,9 @@ def parse_oom(msg: str) -> dict | None:
     return out
 
 
-def compile_stage(stage: str, cfg, devices) -> dict:
-    """Compile one stage's real step for the topology; memory, cost, roofline inputs and matmul dtypes."""
+def compile_stage(stage: str, cfg, devices, costs: bool = True) -> dict:
+    """Compile one stage's real step for the topology; memory, cost (unless not `costs`: the costs-only compiles
+    take longer than the step's own), roofline inputs and matmul dtypes."""
     import jax.numpy as jnp
 
     from persllm_jax.model.shapes import model_config
@@ -260,6 +266,8 @@ def compile_stage(stage: str, cfg, devices) -> dict:
             "grad_accum": cfg.grad_accum, "max_length": cfg.max_length,
             "micro_rows_per_device": cfg.batch_size // a["dp"], "flops_per_token": a["flops_per_token"],
             "tokens_per_step": cfg.batch_size * cfg.grad_accum * cfg.max_length}
+    progress(f"{stage}: compiling the step with the TPU compiler ({len(devices)} x {devices[0].device_kind}; "
+             f"minutes for a 3-8B model)")
     t0 = time.perf_counter()
     try:
         compiled = a["step_fn"].lower(a["state"], a["frozen"], a["batch"]).compile()
@@ -270,15 +278,22 @@ def compile_stage(stage: str, cfg, devices) -> dict:
         return {**base, "fits_compiler": False, "oom": oom, "bytes": fixed, "compile_s": time.perf_counter() - t0}
     compile_s = time.perf_counter() - t0
     mem = compiled_memory(compiled)
+    progress(f"{stage}: compiled in {compile_s:.0f} s, peak {mem['peak'] / GiB:.2f} GiB per chip" +
+             ("; cost analysis (one micro-step with 1 and 2 layers, scans unrolled)" if costs else ""))
     temp = mem["temporaries"]
     act = None
     if stage == "sft":
         saved = saved_activations(cfg, mcfg, a["state"]["trainable"], a["frozen"], cfg.batch_size)
         act = None if saved is None else min(temp, saved // a["dp"])
     text = compiled.as_text()
-    return {**base, "fits_compiler": True, "compile_s": compile_s,
+    t1 = time.perf_counter()
+    cost = layer_extrapolated_cost(stage, cfg, devices, mcfg, a["dp"]) if costs else None
+    if costs:
+        progress(f"{stage}: cost analysis in {time.perf_counter() - t1:.0f} s")
+    return {**base, "fits_compiler": True, "compile_s": compile_s, "cost_s": time.perf_counter() - t1,
+            "cost_skipped": not costs,
             "bytes": {**fixed, **mem, "activations": act, "temporaries": temp - (act or 0), "xla_temp": temp},
-            "cost": layer_extrapolated_cost(stage, cfg, devices, mcfg), "cost_rolled": compiled_cost(compiled),
+            "cost": cost, "cost_rolled": compiled_cost(compiled),
             "matmuls": matmul_dtypes(text), "param_dtype": str(jnp.dtype(a["param_dtype"]))}
 
 
@@ -287,25 +302,26 @@ def _worker_main(argv) -> None:
 
     from persllm_jax.train.config import DPOConfig, TrainConfig, load_config
 
-    stages, target = json.loads(argv[0]), TARGETS[argv[1]]
+    stages, target, costs = json.loads(argv[0]), TARGETS[argv[1]], argv[2:3] != ["no-costs"]
     devices = topology_devices(target)
     out = {"target": argv[1], "compiler": "tpu", "libtpu": libtpu_version(), "jax": jax.__version__,
            "device_kind": devices[0].device_kind, "stages": {}}
     for stage, d in stages.items():
         cfg = load_config(DPOConfig if stage == "dpo" else TrainConfig, None, base=d)
         try:
-            out["stages"][stage] = compile_stage(stage, cfg, devices)
+            out["stages"][stage] = compile_stage(stage, cfg, devices, costs)
         except PersllmError as e:  # config / mesh errors
             sys.stderr.write(f"{stage}: {str(e).splitlines()[0]}\n")
             sys.exit(2)
     print(json.dumps(out))
 
 
-def run_tpu_worker(stages: dict[str, dict], target_name: str) -> dict:
-    """The worker in a fresh process with libtpu's environment; stages = {"sft"|"dpo": config dict}."""
+def run_tpu_worker(stages: dict[str, dict], target_name: str, costs: bool = True) -> dict:
+    """The worker in a fresh process with libtpu's environment; stages = {"sft"|"dpo": config dict}; without
+    `costs`, memory only (no roofline)."""
     target = require_target(target_name)
-    return run_module("persllm_jax.train.tpu_plan", [json.dumps(stages), target_name], worker_env(target),
-                      TPUPlanError)
+    return run_module("persllm_jax.train.tpu_plan", [json.dumps(stages), target_name, "costs" if costs else "no-costs"],
+                      worker_env(target), TPUPlanError)
 
 
 if __name__ == "__main__":

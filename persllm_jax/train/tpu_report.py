@@ -26,11 +26,14 @@ def roofline(stage: dict, target: Target) -> dict:
             "hlo_over_model_flops": c["flops"] * target.chips / (stage["flops_per_token"] * stage["tokens_per_step"])}
 
 
-def _cost_lines(c: dict | None, r: dict | None, target: Target) -> list[str]:
+def _cost_lines(c: dict | None, r: dict | None, target: Target, skipped: bool = False) -> list[str]:
+    if skipped:
+        return ["  roofline not computed (--no-roofline: memory only)"]
     if c is None:
         return ["  roofline n/a: the unrolled costs-only compile exceeds the chip's HBM even at one row per chip"]
-    scaled = (f" (scaled from one row per chip x {c['scaled_from_one_row']}: the unrolled compile of the whole "
-              f"step exceeds HBM)") if c.get("scaled_from_one_row") else ""
+    scaled = (f" (scaled from one row per chip x {c['scaled_from_one_row']}: the unrolled compile of a whole "
+              f"micro-step exceeds HBM)" if c.get("scaled_from_one_row") else
+              f" (one micro-step x {c['scale']})" if c.get("scale", 1) > 1 else "")
     return [f"  per chip per step: {c['flops'] / 1e12:.2f} TFLOP (HLO; {r['hlo_over_model_flops']:.2f}x the model "
             f"FLOPs), {c['bytes'] / 1e9:.1f} GB accessed{scaled}",
             f"  roofline: step = max({c['flops'] / 1e12:.2f} TFLOP / {target.peak_flops / 1e12:.0f} TFLOP/s, "
@@ -64,7 +67,7 @@ def stage_report(s: dict, name: str, target: Target, headroom: float) -> tuple[l
              f"    temporaries      {gib(b['temporaries'])}",
              f"    peak             {gib(b['peak'])}   of {target.hbm / GiB:.0f} GiB ({100 * b['peak'] / target.hbm:.0f}%;"
              f" limit {100 * headroom:.0f}% = {usable / GiB:.1f} GiB)",
-             *_cost_lines(c, r, target),
+             *_cost_lines(c, r, target, s.get("cost_skipped", False)),
              f"  matmuls in the compiled HLO: {mm['bf16_fraction'] * 100:.0f}% of their FLOPs in bf16 ("
              + ", ".join(f"{k} {100 * v / max(sum(mm['by_dtype'].values()), 1):.0f}%" for k, v in mm["by_dtype"].items())
              + ")",
