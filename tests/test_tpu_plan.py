@@ -130,8 +130,8 @@ print(json.dumps({"whole": _unrolled_layers_cost("sft", cfg, devices, mcfg),
 @needs_libtpu
 def test_costs_of_one_micro_step_scaled_match_the_whole_step(tmp_path):
     """The roofline's costs come from one micro-step x grad_accum (unrolling every micro-step made an 8B plan's
-    costs-only compiles take 20 minutes and 20 GB of host memory): they match the whole step's unrolled costs up
-    to the optimizer update counted grad_accum times."""
+    costs-only compiles take 20 minutes and 20 GB of host memory): the FLOPs match the whole step's unrolled
+    costs; the bytes are an overcount, bounded."""
     import subprocess
     import sys
 
@@ -145,7 +145,9 @@ def test_costs_of_one_micro_step_scaled_match_the_whole_step(tmp_path):
     whole, scaled = got["whole"], got["scaled"]
     assert scaled["scale"] == 2 and "scaled_from_one_row" not in scaled
     assert scaled["flops"] == pytest.approx(whole["flops"], rel=0.02), got
-    assert scaled["bytes"] == pytest.approx(whole["bytes"], rel=0.10), got
+    # bytes: an overcount (the once-per-step update and weight reads counted per micro-step), so a conservative
+    # memory-bound roofline; +12% on this tiny shape (measured), whose state outweighs its 8 x 256-token rows
+    assert whole["bytes"] <= scaled["bytes"] <= 1.2 * whole["bytes"], got
 
 
 @pytest.mark.slow
