@@ -48,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu, when installed, would probe for a TPU
 
-from bench_train import PERSONAS, PHRASES, TARGETS, TOPICS, WORDS  # noqa: E402
+from bench_train import PERSONAS, PHRASES, TARGETS, TOPICS, WORDS, trl_modes  # noqa: E402
 
 TRL_MODES = ("padded", "grouped")
 MATERIALS = ["Letters from that year mention {t} often.", "In the diary: '{t} again today, and nobody listens.'",
@@ -120,7 +120,8 @@ def side_trl(args, tmp: Path) -> dict:
     cfg = DPOConfig(output_dir=str(tmp / "trl"), num_train_epochs=1, per_device_train_batch_size=args.trl_batch,
                     gradient_accumulation_steps=1, length_column_name="length",
                     remove_unused_columns=args.trl_mode != "grouped",  # the sampler reads the "length" column
-                    train_sampling_strategy="group_by_length" if args.trl_mode == "grouped" else "random", learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0,
+                    train_sampling_strategy="group_by_length" if args.trl_mode == "grouped" else "random",
+                    learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
                     max_length=args.max_length, beta=0.1, loss_type=["sigmoid"], use_cpu=True, bf16=False,
                     fp16=False, gradient_checkpointing=False, precompute_ref_log_probs=args.precompute, seed=0,
@@ -163,10 +164,11 @@ def _child(args):
     print("RESULT " + json.dumps(out))
 
 
-def _spawn(side: str, args, tmp: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side.split(":")[0], "--tmp", str(tmp), "--n", str(args.n),
+def _spawn(side: str, args, tmp: Path) -> dict | None:
+    who, _, mode = side.partition(":")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", who, "--tmp", str(tmp), "--n", str(args.n),
            "--rows", str(args.rows), "--accum", str(args.accum), "--trl-batch", str(args.trl_batch), "--max-length", str(args.max_length),
-           "--peak", str(args.peak), "--trl-mode", (side.split(":") + ["padded"])[1]] + (["--precompute"] if args.precompute else []) + (["--long"] if args.long else [])
+           "--peak", str(args.peak), "--trl-mode", mode or "padded"] + (["--precompute"] if args.precompute else []) + (["--long"] if args.long else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -199,6 +201,7 @@ def main():
     args.max_length = args.max_length or (2048 if args.long else 768)
     if args.side:
         return _child(args)
+    modes = [] if args.skip_trl else trl_modes(args.trl_modes, TRL_MODES)  # checked before any work
     if not args.peak:
         from persllm_jax.train.loop import measure_peak_flops
 
@@ -212,9 +215,6 @@ def main():
               f"{'precomputed' if args.precompute else 'online'}; peak fp32 matmul {args.peak / 1e9:.1f} GFLOP/s")
         ours = _spawn("ours", args, tmp)
         print("ours:", json.dumps(ours))
-        modes = [] if args.skip_trl else args.trl_modes.split(",")
-        if not set(modes) <= set(TRL_MODES):
-            sys.exit(f"--trl-modes: each one of {', '.join(TRL_MODES)}, got {args.trl_modes!r}")
         trls = {}
         for mode in modes:
             r = _spawn(f"trl:{mode}", args, tmp)

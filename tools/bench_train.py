@@ -89,6 +89,14 @@ def make_conversations(tok, n: int, seed: int = 0, lo: int = 64, hi: int = 496):
     return out
 
 
+def trl_modes(text: str, known: tuple[str, ...]) -> list[str]:
+    """--trl-modes as a list, each one of `known` (else exit with the choices)."""
+    modes = text.split(",")
+    if not set(modes) <= set(known):
+        sys.exit(f"--trl-modes: each one of {', '.join(known)}, got {text!r}")
+    return modes
+
+
 def run_ours(convs, args, tmp: Path):
     import jax
 
@@ -178,7 +186,8 @@ def run_trl(convs, args, tmp: Path, mode: str = "padded"):
     accum = args.batch_rows if packed else 1
     cfg = SFTConfig(output_dir=str(tmp / "trl"), num_train_epochs=1,
                     per_device_train_batch_size=1 if packed else args.trl_batch, gradient_accumulation_steps=accum,
-                    train_sampling_strategy="group_by_length" if mode == "grouped" else "random", learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
+                    train_sampling_strategy="group_by_length" if mode == "grouped" else "random",
+                    learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no", report_to=[],
                     max_length=DISTS[args.dist]["max_length"], packing=packed, completion_only_loss=True, use_cpu=True, bf16=False, fp16=False,
                     gradient_checkpointing=False,
@@ -259,9 +268,7 @@ def main():
     print(f"measured matmul peak {args.peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores", flush=True)
     res = {"peak_flops": args.peak}
-    modes = args.trl_modes.split(",")
-    if not set(modes) <= set(TRL_MODES):
-        sys.exit(f"--trl-modes: each one of {', '.join(TRL_MODES)}, got {args.trl_modes!r}")
+    modes = trl_modes(args.trl_modes, TRL_MODES)
     sides = ([] if args.skip_ours else ["ours"]) + ([] if args.skip_trl else [f"trl:{m}" for m in modes])
     for dist in args.dists.split(","):
         d = DISTS[dist]
@@ -272,7 +279,8 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             for side in sides:
                 out = Path(tmp) / f"{side}.json"
-                argv = [sys.executable, __file__, "--side", side.split(":")[0], "--trl-mode", (side.split(":") + ["padded"])[1],
+                who, _, mode = side.partition(":")
+                argv = [sys.executable, __file__, "--side", who, "--trl-mode", mode or "padded",
                         "--json", str(out), "--peak", str(args.peak),
                         "--n", str(args.n), "--batch-rows", str(args.batch_rows), "--trl-batch", str(args.trl_batch),
                         "--dtype", args.dtype, "--dist", dist, "--attention", args.attention] + (["--remat"] if args.remat else [])

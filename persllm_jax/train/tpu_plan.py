@@ -286,9 +286,9 @@ def compile_stage(stage: str, cfg, devices, costs: bool = True) -> dict:
         saved = saved_activations(cfg, mcfg, a["state"]["trainable"], a["frozen"], cfg.batch_size)
         act = None if saved is None else min(temp, saved // a["dp"])
     text = compiled.as_text()
-    t1 = time.perf_counter()
-    cost = layer_extrapolated_cost(stage, cfg, devices, mcfg, a["dp"]) if costs else None
+    t1, cost = time.perf_counter(), None
     if costs:
+        cost = layer_extrapolated_cost(stage, cfg, devices, mcfg, a["dp"])
         progress(f"{stage}: cost analysis in {time.perf_counter() - t1:.0f} s")
     return {**base, "fits_compiler": True, "compile_s": compile_s, "cost_s": time.perf_counter() - t1,
             "cost_skipped": not costs,
