@@ -34,9 +34,9 @@ def _packed(doc_lengths, T):
 SEG, POS = _packed([[100, 150, 30], [T], [5, 200, 7]], T)  # padding at the ends of rows 0 and 2
 
 
-def _qkv(seed=0):
+def _qkv(seed=0, batch=None):
     kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(seed), 4)
-    B = SEG.shape[0]
+    B = batch or SEG.shape[0]
     q = jax.random.normal(kq, (B, T, CFG.num_heads, CFG.head_dim))
     k = jax.random.normal(kk, (B, T, CFG.num_kv_heads, CFG.head_dim))
     v = jax.random.normal(kv, (B, T, CFG.num_kv_heads, CFG.head_dim))
@@ -47,7 +47,7 @@ def _qkv(seed=0):
 def _check(cfg, segs, ref_mask, **blocks):
     """Outputs at real (non-padding) queries, gradients everywhere, for a cotangent that is 0 on padding rows
     (as in the model, where nothing reads them; their outputs depend on the block size in both)."""
-    q, k, v, g = _qkv()
+    q, k, v, g = _qkv(batch=segs.seg.shape[0])
     real = (segs.seg > 0)[..., None]
     g = g * real
     ref = lambda q, k, v: decoder._attend(q, k, v, ref_mask, cfg, jnp.float32, decoder.ATTN_BLOCK)  # noqa: E731
@@ -64,10 +64,29 @@ def _check(cfg, segs, ref_mask, **blocks):
 
 @pytest.mark.parametrize("window", [None, 37])
 @pytest.mark.parametrize("blocks", [{}, {"block_q": 64, "block_k": 96}])  # default: one key step; small: several
-def test_flash_matches_reference_packed(window, blocks):
+@pytest.mark.parametrize("skip", [False, True])
+def test_flash_matches_reference_packed(window, blocks, skip):
     cfg = dataclasses.replace(CFG, sliding_window=window)
     mask = decoder.attention_mask(SEG, jnp.arange(T), POS, SEG, POS, window)
-    _check(cfg, Segments(SEG, POS), mask, **blocks)
+    _check(cfg, Segments(SEG, POS), mask, skip=skip, **blocks)
+
+
+def test_flash_skips_empty_block_pairs_exactly():
+    """Rows packed with several documents each and padding (one row all padding), small blocks: many block
+    pairs are empty in every row and are branched around; the result is the reference's, and the all-padding
+    row stays finite and passes no gradient even under a cotangent that is not 0 there."""
+    seg, pos = _packed([[40, 100, 60], [70, 150, 20], [30, 30, 30, 100], []], T)
+    mask = decoder.attention_mask(seg, jnp.arange(T), pos, seg, pos, None)
+    empty = [not bool(mask[:, :, s:s + 32, ks:ks + 32].any()) for s in range(0, T, 32) for ks in range(0, s + 1, 32)]
+    assert sum(empty) >= 10  # the case exercises the skipping
+    q, k, v, g = _qkv(batch=seg.shape[0])
+    _check(CFG, Segments(seg, pos), mask, block_q=32, block_k=32, skip=True)
+    out = flash_attention(q, k, v, Segments(seg, pos), CFG.num_kv_heads, None, block_q=32, block_k=32, skip=True)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    grads = jax.grad(lambda q, k, v: jnp.sum(flash_attention(q, k, v, Segments(seg, pos), CFG.num_kv_heads, None,
+                                                               block_q=32, block_k=32, skip=True) * g),
+                     argnums=(0, 1, 2))(q, k, v)
+    assert all(bool(jnp.all(jnp.isfinite(x))) and bool(jnp.all(x[3] == 0)) for x in grads)
 
 
 def test_flash_matches_reference_dpo_branches():
@@ -87,13 +106,15 @@ def test_flash_matches_reference_dpo_branches():
 
 
 def test_hidden_states_flash_equals_reference():
-    """The whole model (params and LoRA path as in training): auto (flash on CPU) = reference."""
+    """The whole model (params and LoRA path as in training): auto (flash on CPU, skipping empty block pairs) =
+    reference at the real positions (padding positions, which nothing reads, depend on the block visits)."""
     cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=50)
     params = decoder.init_params(cfg, jax.random.PRNGKey(1), std=0.2)
     tokens = jax.random.randint(jax.random.PRNGKey(2), SEG.shape, 1, cfg.vocab_size) * (SEG > 0)
     run = lambda impl: decoder.hidden_states(params, cfg, tokens, POS, SEG, attention=impl)  # noqa: E731
     assert attention.resolve("auto", cfg, jnp.float32, T, backend="cpu") == "flash"
-    np.testing.assert_allclose(run("auto"), run("reference"), atol=1e-5, rtol=0)
+    real = (SEG > 0)[..., None]
+    np.testing.assert_allclose(run("auto") * real, run("reference") * real, atol=1e-5, rtol=0)
 
 
 def test_resolve_choices():

@@ -15,7 +15,9 @@ run long), and the earlier `short`, 64-496 tokens in rows of 512. Loss on the as
 warm-up) is excluded from timing. Each side runs in its own subprocess; peak RSS = its ru_maxrss.
 
 Metric: useful tokens per second = non-padding tokens of the conversations processed per second of
-training. Ours packs conversations into rows of max_length with segment ids. TRL runs in each of its ways of
+training. Ours packs conversations into rows of max_length with segment ids, --batch-rows of them per optimizer
+step, --micro-rows per forward pass (default 1, as TRL's packed mode; activation memory scales with it, speed on
+the CPU does not: 148 tok/s at 1 and at 4 rows per forward, measured). TRL runs in each of its ways of
 batching (`--trl-modes`, each its own subprocess, the best one is the peer of the ratios):
     padded   its default: one conversation per row, padded to the longest in the batch of --trl-batch
     grouped  the same, with `train_sampling_strategy="group_by_length"` (batches of similar lengths, less padding)
@@ -107,7 +109,9 @@ def run_ours(convs, args, tmp: Path):
     corpus = tmp / "corpus"
     (corpus / "sft").mkdir(parents=True, exist_ok=True)
     (corpus / "sft" / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    sets = ["epochs=1", f"batch_size={args.batch_rows}", f"max_length={DISTS[args.dist]['max_length']}", "learning_rate=1e-4", "warmup_steps=0",
+    micro = args.micro_rows or args.batch_rows
+    sets = ["epochs=1", f"batch_size={micro}", f"grad_accum={args.batch_rows // micro}",
+            f"max_length={DISTS[args.dist]['max_length']}", "learning_rate=1e-4", "warmup_steps=0",
             "lora.rank=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all-linear", "weight_decay=0",
             f"dtype={args.dtype}", "mesh.data=1", "log_every=100000", f"peak_tflops={args.peak / 1e12}",
             "shuffle=true", "seed=0"] + ([f"attention={args.attention}"] if args.attention != "auto" else []) \
@@ -239,6 +243,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=48, help="conversations (one epoch each side)")
     ap.add_argument("--batch-rows", type=int, default=4, help="our packed rows of max_length tokens per step")
+    ap.add_argument("--micro-rows", type=int, default=1,
+                    help="our rows per forward pass (batch_size), the rest of --batch-rows as accumulation steps "
+                         "(grad_accum), as TRL's packed mode; 0 = all --batch-rows in one forward")
     ap.add_argument("--trl-batch", type=int, default=8, help="TRL conversations per step (padded, grouped)")
     ap.add_argument("--trl-modes", default="padded,grouped,packed",
                     help="TRL's ways of batching to run (padded, grouped, packed; see above); the best is the peer")
@@ -254,6 +261,8 @@ def main():
     ap.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)  # internal: measured once
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.micro_rows and args.batch_rows % args.micro_rows:
+        sys.exit(f"--micro-rows {args.micro_rows} must divide --batch-rows {args.batch_rows}")
     if args.side:
         Path(args.json).write_text(json.dumps(run_side(args)))
         return
@@ -282,7 +291,8 @@ def main():
                 who, _, mode = side.partition(":")
                 argv = [sys.executable, __file__, "--side", who, "--trl-mode", mode or "padded",
                         "--json", str(out), "--peak", str(args.peak),
-                        "--n", str(args.n), "--batch-rows", str(args.batch_rows), "--trl-batch", str(args.trl_batch),
+                        "--n", str(args.n), "--batch-rows", str(args.batch_rows),
+                        "--micro-rows", str(args.micro_rows), "--trl-batch", str(args.trl_batch),
                         "--dtype", args.dtype, "--dist", dist, "--attention", args.attention] + (["--remat"] if args.remat else [])
                 if subprocess.run(argv).returncode != 0:
                     if side == "ours":

@@ -69,8 +69,9 @@ def _plan_config(config_file, sets, model):
 @click.option("--stage", type=click.Choice(["all", "sft", "dpo"]), default="all", show_default=True,
               help="--target tpu-...: plan only this stage's step (a recipe's sft or dpo section).")
 @click.option("--no-roofline", is_flag=True,
-              help="--target tpu-...: memory only, no HLO costs and roofline (their costs-only compiles, every loop "
-                   "unrolled, take longer than the step's own: ~20 minutes for an 8B step on 2 cores).")
+              help="--target tpu-...: memory only, no HLO costs and roofline (their costs-only compiles of one "
+                   "micro-step, the layer scan unrolled, take about twice the step's own: ~6 minutes a stage for an "
+                   "8B model on 2 cores).")
 @click.option("--serve", is_flag=True,
               help="Plan `persllm serve` instead of training: one model replica per chip, its prefill and decode "
                    "programs for --batch slots of --cache-tokens positions.")

@@ -2,7 +2,8 @@
 
     reference  decoder._attend: blocked queries, autodiff keeps every block's [block, S] fp32 probabilities
                (activation memory grows with T² per layer)
-    flash      flash_attention.py (plain JAX, any backend): online softmax, recomputing backward, O(T) memory
+    flash      flash_attention.py (plain JAX, any backend): online softmax, recomputing backward, O(T) memory;
+               on the CPU it branches around block pairs that the documents and padding leave empty
     cudnn      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention on NVIDIA GPUs,
                bf16/fp16, head_dim <= 128 and a multiple of 8; the document mask goes in as one [B, 1, T, T]
                bool shared by all heads and layers
@@ -81,7 +82,8 @@ class Kernel(NamedTuple):
     def __call__(self, q, k, v, cfg, batch_axes):
         window = cfg.sliding_window or None
         if self.impl == "flash":
-            return flash_attention(q, k, v, self.segs, cfg.num_kv_heads, window)
+            # on the CPU a branch around empty block pairs is free; on GPU a conditional waits on the host
+            return flash_attention(q, k, v, self.segs, cfg.num_kv_heads, window, skip=current_backend() == "cpu")
         if self.impl == "cudnn":
             return cudnn_attention(q, k, v, self.segs, window)
         if self.impl == "splash":

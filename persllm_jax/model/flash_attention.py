@@ -6,8 +6,10 @@ The mask is built block by block from per-token ids (`Segments`), exactly as `de
 builds the whole one: same document (segment id, 0 = padding), key not padding, key slot not after the
 query slot, key within the sliding window by positions, and (DPO) key in the prompt (branch 0) or in the
 query's own branch. Key blocks after a query block's last slot are skipped (causal by slot order), as in
-`decoder._attend`. Fully masked rows (padding queries) average the values of the keys they visit, as the
-reference's softmax over all-`finfo.min` scores does; nothing reads them, so they get no gradient.
+`decoder._attend`; with `skip` (the CPU), so are block pairs where no query may see any key (other documents
+of a packed row, padding). Fully masked rows (padding queries) average the values of the keys they visit, as
+the reference's softmax over all-`finfo.min` scores does, or are 0 where they visit none; nothing reads them,
+so they get no gradient.
 
 Training only (queries = keys, S = T); decoding keeps `decoder._attend`.
 """
@@ -64,69 +66,90 @@ def _scores(qb, kb, scale):
     return jnp.einsum("bkgtd,bksd->bkgts", qb, kb, preferred_element_type=jnp.float32) * scale
 
 
-def _forward(q, k, v, segs, window, block_q, block_k):
+def _forward(q, k, v, segs, window, block_q, block_k, skip):
     """q [B, KV, G, T, hd], k, v [B, KV, S, hd] -> (out [B, KV, G, T, hd] in q's dtype, (m, 1/l) [B, KV, G, T]
     fp32: the row max and the inverse softmax normaliser; kept apart, since finfo.min + log(l) == finfo.min
-    on fully masked rows)."""
-    T, hd, dtype = q.shape[3], q.shape[4], q.dtype
-    scale = hd ** -0.5
+    on fully masked rows). Rows that visit no key (skipped blocks only) get out 0 and 1/l = 0."""
+    B, KV, G, T, hd = q.shape
+    dtype, scale = q.dtype, hd ** -0.5
     outs, ms, inv_ls = [], [], []
     for s, e, chunks in _spans(T, block_q, block_k):
         qb = q[:, :, :, s:e]
-        m = l = acc = None
+        stats = (jnp.full((B, KV, G, e - s), _NEG, jnp.float32), jnp.zeros((B, KV, G, e - s), jnp.float32),
+                 jnp.zeros((B, KV, G, e - s, hd), jnp.float32))
         for ks, ke in chunks:
-            sc = jnp.where(block_mask(segs, s, e, ks, ke, window), _scores(qb, k[:, :, ks:ke], scale), _NEG)
-            m_new = sc.max(-1) if m is None else jnp.maximum(m, sc.max(-1))
-            p = jnp.exp(sc - m_new[..., None])
-            pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(dtype), v[:, :, ks:ke], preferred_element_type=jnp.float32)
-            if m is None:
-                l, acc = p.sum(-1), pv
-            else:
+            mask = block_mask(segs, s, e, ks, ke, window)
+
+            def visit(stats, kb=k[:, :, ks:ke], vb=v[:, :, ks:ke], mask=mask):
+                m, l, acc = stats
+                sc = jnp.where(mask, _scores(qb, kb, scale), _NEG)
+                m_new = jnp.maximum(m, sc.max(-1))
+                p = jnp.exp(sc - m_new[..., None])
+                pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(dtype), vb, preferred_element_type=jnp.float32)
                 alpha = jnp.exp(m - m_new)
-                l, acc = alpha * l + p.sum(-1), alpha[..., None] * acc + pv
-            m = m_new
-        outs.append((acc / l[..., None]).astype(dtype))
+                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+            stats = _maybe(skip, mask, visit, lambda st: st, stats)
+        m, l, acc = stats
+        inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+        outs.append((acc * inv_l[..., None]).astype(dtype))
         ms.append(m)
-        inv_ls.append(1.0 / l)
+        inv_ls.append(inv_l)
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, 3)  # noqa: E731
     return cat(outs), (cat(ms), cat(inv_ls))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def flash_attention_heads(q, k, v, segs: Segments, window: int | None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
-    """Attention on the heads-major layout: q [B, KV, G, T, hd], k, v [B, KV, T, hd] -> [B, KV, G, T, hd]."""
-    return _forward(q, k, v, segs, window, block_q, block_k)[0]
+def _maybe(skip, mask, visit, skipped, operand):
+    """visit(operand), or (with `skip`) only when some query of the block pair may see some key: a real
+    branch on the CPU, where a packed row's other documents and its padding leave many block pairs empty."""
+    if not skip:
+        return visit(operand)
+    return jax.lax.cond(jnp.any(mask), visit, skipped, operand)
 
 
-def _fwd(q, k, v, segs, window, block_q, block_k):
-    out, stats = _forward(q, k, v, segs, window, block_q, block_k)
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def flash_attention_heads(q, k, v, segs: Segments, window: int | None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                          skip: bool = False):
+    """Attention on the heads-major layout: q [B, KV, G, T, hd], k, v [B, KV, T, hd] -> [B, KV, G, T, hd].
+    `skip`: branch around block pairs the mask leaves empty (see _maybe)."""
+    return _forward(q, k, v, segs, window, block_q, block_k, skip)[0]
+
+
+def _fwd(q, k, v, segs, window, block_q, block_k, skip):
+    out, stats = _forward(q, k, v, segs, window, block_q, block_k, skip)
     return out, (q, k, v, segs, out, stats)
 
 
-def _bwd(window, block_q, block_k, res, d_out):
-    """The flash backward: per block pair, p = exp(s - m) / l recomputed; dS = p·(dP - rowsum(dO·O))."""
+def _bwd(window, block_q, block_k, skip, res, d_out):
+    """The flash backward: per block pair, p = exp(s - m) / l recomputed (0 where masked, so fully masked
+    rows pass no gradient); dS = p·(dP - rowsum(dO·O))."""
     q, k, v, segs, out, (m, inv_l) = res
-    T, hd, dtype = q.shape[3], q.shape[4], q.dtype
+    hd, dtype = q.shape[4], q.dtype
     scale = hd ** -0.5
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KV, G, T]
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
-    for s, e, chunks in _spans(T, block_q, block_k):
+    for s, e, chunks in _spans(q.shape[3], block_q, block_k):
         qb, dob = q[:, :, :, s:e], d_out[:, :, :, s:e].astype(dtype)
         m_b, inv_l_b, delta_b = m[:, :, :, s:e, None], inv_l[:, :, :, s:e, None], delta[:, :, :, s:e, None]
-        dq = None
+        dq = jnp.zeros(qb.shape, jnp.float32)
         for ks, ke in chunks:
             kb, vb = k[:, :, ks:ke], v[:, :, ks:ke]
             mask = block_mask(segs, s, e, ks, ke, window)
-            p = jnp.exp(jnp.where(mask, _scores(qb, kb, scale), _NEG) - m_b) * inv_l_b
-            dv = dv.at[:, :, ks:ke].add(jnp.einsum("bkgts,bkgtd->bksd", p.astype(dtype), dob,
-                                                   preferred_element_type=jnp.float32))
-            dp = jnp.einsum("bkgtd,bksd->bkgts", dob, vb, preferred_element_type=jnp.float32)
-            ds = (jnp.where(mask, p * (dp - delta_b), 0.0) * scale).astype(dtype)
-            dq_c = jnp.einsum("bkgts,bksd->bkgtd", ds, kb, preferred_element_type=jnp.float32)
-            dq = dq_c if dq is None else dq + dq_c
-            dk = dk.at[:, :, ks:ke].add(jnp.einsum("bkgts,bkgtd->bksd", ds, qb, preferred_element_type=jnp.float32))
+
+            def visit(dq, kb=kb, vb=vb, mask=mask):
+                p = jnp.where(mask, jnp.exp(_scores(qb, kb, scale) - m_b) * inv_l_b, 0.0)
+                dv_c = jnp.einsum("bkgts,bkgtd->bksd", p.astype(dtype), dob, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgtd,bksd->bkgts", dob, vb, preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta_b) * scale).astype(dtype)
+                dq = dq + jnp.einsum("bkgts,bksd->bkgtd", ds, kb, preferred_element_type=jnp.float32)
+                return dq, jnp.einsum("bkgts,bkgtd->bksd", ds, qb, preferred_element_type=jnp.float32), dv_c
+
+            zeros = lambda dq, n=ke - ks: (dq, jnp.zeros(dk.shape[:2] + (n, hd), jnp.float32),  # noqa: E731
+                                           jnp.zeros(dv.shape[:2] + (n, hd), jnp.float32))
+            dq, dk_c, dv_c = _maybe(skip, mask, visit, zeros, dq)
+            dk, dv = dk.at[:, :, ks:ke].add(dk_c), dv.at[:, :, ks:ke].add(dv_c)
         dqs.append(dq)
     dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -136,14 +159,15 @@ flash_attention_heads.defvjp(_fwd, _bwd)
 
 
 def flash_attention(q, k, v, segs: Segments, num_kv_heads: int, window: int | None = None, *,
-                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
-    """q [B, T, H, hd], k, v [B, T, KV, hd] (grouped-query) -> [B, T, H·hd], as `decoder._attend`."""
+                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, skip: bool = False) -> jax.Array:
+    """q [B, T, H, hd], k, v [B, T, KV, hd] (grouped-query) -> [B, T, H·hd], as `decoder._attend`. `skip`:
+    branch around empty block pairs (attention.Kernel turns it on for the CPU)."""
     B, T, H, hd = q.shape
     if k.shape[1] != T:
         raise ValueError(f"flash_attention is for full sequences (keys = queries); got {T} queries, {k.shape[1]} keys")
     qh = q.reshape(B, T, num_kv_heads, H // num_kv_heads, hd).transpose(0, 2, 3, 1, 4)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3).astype(q.dtype)
-    out = flash_attention_heads(qh, kh, vh, segs, window or None, block_q, block_k)
+    out = flash_attention_heads(qh, kh, vh, segs, window or None, block_q, block_k, skip)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
