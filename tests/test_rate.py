@@ -113,6 +113,7 @@ def test_8_raters_50_judgements_each_at_once(rated):
             for k in range(per):
                 code, item = cl.call("/web/api/rate/next", {"rater_id": name})
                 assert code == 200, item
+                assert item["judged_by_you"] == k  # counts judgements, past the 12 items (they come round again)
                 jid = f"{name}-{k}"
                 shown[jid] = (item["assignment_id"], item["prompt_id"], item["answer_a"], item["answer_b"])
                 choice = random.Random(jid).choice(["A", "B", "tie"])

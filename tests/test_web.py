@@ -150,6 +150,14 @@ def enter_key(driver):
     driver.find_element("css selector", "#key-form button").click()
 
 
+def open_page(driver, url):
+    """Loads a page, entering the API key when this tab has none yet (so each test runs alone too)."""
+    driver.get(url)
+    if driver.execute_script("return sessionStorage.getItem('persllm.apiKey')") != KEY:
+        wait(driver, lambda d: d.find_element("id", "key-box").is_displayed(), what="the API key form")
+        enter_key(driver)
+
+
 def accessibility_problems(driver) -> list:
     """Form controls without a label, fieldsets without a legend, buttons without text, a page without lang."""
     return driver.execute_script("""
@@ -223,7 +231,7 @@ def test_analysis_toggle_matches_python_split(site, browser):
     from persllm_jax.serve.personas import split_thoughts
 
     d = browser
-    d.get(site["url"] + "/")
+    open_page(d, site["url"] + "/")
     wait(d, lambda d: len(d.find_elements("css selector", "#model option")) == 4, what="the model list")
     cases = ["[Analysis] I weigh it. [Response] Yes, indeed.", "no tags at all", "[analysis] only thinking",
              "  [ Analysis ]a[RESPONSE]b ", "[Response] direct", "text [Response] after"]
@@ -277,7 +285,7 @@ def test_rate_page_records_judgements_with_the_right_models(site, browser, tmp_p
     d, url, client = browser, site["url"], site["client"]
     prompts = {p.messages[-1]["content"]: p for p in load_prompts(site["tmp"] / "prompts.jsonl")}
     expected = {}
-    d.get(url + "/rate")
+    open_page(d, url + "/rate")
     wait(d, lambda d: d.find_element("id", "item").is_displayed(), what="the first item")
     rater = d.find_element("id", "rater")
     assert rater.get_attribute("value").startswith("rater-")  # generated and kept in the browser
@@ -334,7 +342,7 @@ def test_pages_fit_a_phone_and_ship_their_assets(site, browser, tmp_path):
     d.set_window_size(390, 844)
     try:
         for path in ("/", "/rate"):
-            d.get(url + path)
+            open_page(d, url + path)
             ready = "#model option" if path == "/" else "#item:not([hidden])"
             wait(d, lambda d: d.find_elements("css selector", ready), what=f"{path} loaded")
             width = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")

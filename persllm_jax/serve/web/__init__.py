@@ -138,7 +138,7 @@ def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None
             rater = check_id((body or {}).get("rater_id") if isinstance(body, dict) else None, "rater_id")
         except RateError as e:
             raise RequestError(400, str(e), "rater_id", "invalid_value") from None
-        mine, others = await run_in_threadpool(r.store.judged_items, rater)
+        mine, others, n_mine = await run_in_threadpool(r.store.judged_items, rater)
         prompt, model_a, model_b = pick_item(r.prompts, r.models, mine, others, r.cfg.overlap, r.rng)
         text_a, text_b = await asyncio.gather(cached_answer(prompt, model_a), cached_answer(prompt, model_b))
         aid = await run_in_threadpool(r.store.new_assignment, rater, prompt.id, model_a, model_b)
@@ -148,7 +148,7 @@ def web_routes(state, stages: dict | None = None, rate: RateConfig | None = None
         return JSONResponse({"assignment_id": aid, "prompt_id": prompt.id, "context": context, "history": history,
                              "question": msgs[-1]["content"], "answer_a": split_thoughts(text_a)[1] or text_a.strip(),
                              "answer_b": split_thoughts(text_b)[1] or text_b.strip(),
-                             "judged_by_you": len(mine)})
+                             "judged_by_you": n_mine})
 
     async def rate_judgement(request):
         state.check_auth(request)

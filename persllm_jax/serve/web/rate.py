@@ -173,18 +173,20 @@ class RateStore:
         finally:
             con.close()
 
-    def judged_items(self, rater_id: str) -> tuple[set, dict]:
-        """(items this rater judged, {item: count} judged by others); an item is (prompt, frozenset(pair))."""
+    def judged_items(self, rater_id: str) -> tuple[set, dict, int]:
+        """(items this rater judged, {item: count} judged by others, this rater's judgements); an item is
+        (prompt, frozenset(pair)). The count can pass the items: once all are judged, items come round again."""
         con = self._con()
         try:
-            mine, others = set(), {}
+            mine, others, n_mine = set(), {}, 0
             for r, p, a, b in con.execute("SELECT rater_id, prompt_id, model_a, model_b FROM judgements"):
                 item = (p, frozenset((a, b)))
                 if r == rater_id:
                     mine.add(item)
+                    n_mine += 1
                 else:
                     others[item] = others.get(item, 0) + 1
-            return mine, others
+            return mine, others, n_mine
         finally:
             con.close()
 
