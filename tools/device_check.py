@@ -96,24 +96,6 @@ def dpo_batch(rng, V: int, B: int, T: int):
     return rows
 
 
-def peak_matmul(device, n: int, reps: int = 10) -> float:
-    """Achieved bf16 FLOP/s of an n x n x n matmul (fp32 accumulation) on `device`."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.device_put(jnp.ones((n, n), jnp.bfloat16), device)
-    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            y = f(a)
-        y.block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 * reps / best
-
-
 def _max_diff(a, b) -> float:
     import jax
     import numpy as np
@@ -265,6 +247,9 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
+    import jax.numpy as jnp
+
+    from persllm_jax.train.loop import measure_peak_flops
 
     have_dpo = not args.skip_dpo
     accel, cpu = jax.devices()[0], jax.devices("cpu")[0]
@@ -275,7 +260,7 @@ def main(argv=None) -> int:
         print("no accelerator found (pass --cpu-smoke for a dry run on the CPU)", file=sys.stderr)
         return 2
     n = 512 if args.cpu_smoke else 8192
-    res["peak_flops"] = peak_matmul(accel, n)
+    res["peak_flops"] = measure_peak_flops(n, reps=10, dtype=jnp.bfloat16, device=accel)  # bf16, fp32 accumulation
     print(f"peak: bf16 matmul {n}^3 {res['peak_flops'] / 1e12:.3g} TFLOP/s (measured)", flush=True)
     if not args.skip_parity:
         res["parity"] = p = parity(args, accel, cpu, have_dpo)

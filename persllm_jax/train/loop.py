@@ -28,12 +28,12 @@ from persllm_jax.train import sharding as shd
 from persllm_jax.train.config import TrainConfig, save_config
 
 
-def measure_peak_flops(dim: int = 2048, reps: int = 5, trials: int = 3) -> float:
-    """Achieved FLOP/s of a large fp32 matmul on device 0 (the machine's practical peak): the best of `trials`
-    timings of `reps` matmuls, as one timing on a shared host can land on a busy moment (102 vs 184 GFLOP/s
-    measured on the same 2 cores)."""
-    x = jax.device_put(jnp.ones((dim, dim), jnp.float32) * 0.5, jax.local_devices()[0])
-    f = jax.jit(lambda a: a @ a)
+def measure_peak_flops(dim: int = 2048, reps: int = 5, trials: int = 3, dtype=jnp.float32, device=None) -> float:
+    """Achieved FLOP/s of a dim^3 matmul in `dtype` (fp32 accumulation) on `device` (default: local device 0),
+    the machine's practical peak: the best of `trials` timings of `reps` matmuls, as one timing on a shared host
+    can land on a busy moment (102 vs 160-170 GFLOP/s measured on the same 2 cores)."""
+    x = jax.device_put(jnp.ones((dim, dim), dtype) * 0.5, device or jax.local_devices()[0])
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(dtype))
     f(x).block_until_ready()
     best = float("inf")
     for _ in range(trials):
