@@ -29,6 +29,9 @@ BLOCK_K = 512  # keys per online-softmax step: big enough for efficient dots, [B
 # branched around. SmolLM2's layer, 1024 slots of 3 documents, forward + backward: 54 ms at 128 x 512, 27 at
 # 64 x 64; one 1000-token document: 71-87 ms either way.
 SKIP_BLOCK = 64
+# Block pairs are unrolled into the program, each its own branch: rows past SKIP_MAX_BLOCKS such blocks (136 causal
+# pairs) keep BLOCK_Q x BLOCK_K (84 pairs at 3000 tokens; 64 x 64 there made 1128 and an 8B plan compile for >12 min).
+SKIP_MAX_BLOCKS = 16
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -166,10 +169,11 @@ def flash_attention(q, k, v, segs: Segments, num_kv_heads: int, window: int | No
                     block_q: int | None = None, block_k: int | None = None, skip: bool = False) -> jax.Array:
     """q [B, T, H, hd], k, v [B, T, KV, hd] (grouped-query) -> [B, T, H·hd], as `decoder._attend`. `skip`:
     branch around empty block pairs (attention.Kernel turns it on for the CPU). Blocks default to
-    SKIP_BLOCK square with `skip`, else BLOCK_Q x BLOCK_K."""
-    block_q = block_q or (SKIP_BLOCK if skip else BLOCK_Q)
-    block_k = block_k or (SKIP_BLOCK if skip else BLOCK_K)
+    SKIP_BLOCK square with `skip` on rows of up to SKIP_MAX_BLOCKS of them, else BLOCK_Q x BLOCK_K."""
     B, T, H, hd = q.shape
+    small = skip and T <= SKIP_MAX_BLOCKS * SKIP_BLOCK
+    block_q = block_q or (SKIP_BLOCK if small else BLOCK_Q)
+    block_k = block_k or (SKIP_BLOCK if small else BLOCK_K)
     if k.shape[1] != T:
         raise ValueError(f"flash_attention is for full sequences (keys = queries); got {T} queries, {k.shape[1]} keys")
     qh = q.reshape(B, T, num_kv_heads, H // num_kv_heads, hd).transpose(0, 2, 3, 1, 4)
@@ -178,4 +182,4 @@ def flash_attention(q, k, v, segs: Segments, num_kv_heads: int, window: int | No
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
-__all__ = ["Segments", "flash_attention", "flash_attention_heads", "block_mask", "BLOCK_Q", "BLOCK_K", "SKIP_BLOCK"]
+__all__ = ["Segments", "flash_attention", "flash_attention_heads", "block_mask", "BLOCK_Q", "BLOCK_K", "SKIP_BLOCK", "SKIP_MAX_BLOCKS"]
