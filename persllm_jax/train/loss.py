@@ -44,17 +44,27 @@ def _logsumexp(logits):
     return m + jnp.log(total)
 
 
-def _logps_fwd_impl(h, w, targets, chunk):
+def _logps_fwd_impl(h, w, targets, chunk, with_dh: bool = False):
+    """(logp, lse) per token; with `with_dh`, (logp, u) with u = d logp / dh = (onehot(target) - softmax) @ wᵀ
+    [B, N, D]: when w takes no gradient (LoRA), the backward pass is then u times the cotangent, no logits
+    recomputed."""
+    wt = w.astype(h.dtype)
+
     def one(_, xs):
         hc, tc = xs
         logits = _chunk_logits(hc, w)
         lse = _logsumexp(logits)
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return None, (picked - lse, lse)
+        if not with_dh:
+            return None, (picked - lse, lse)
+        p = jnp.exp(logits - lse[..., None]).astype(hc.dtype)
+        u = jnp.take(wt, tc, axis=1).transpose(1, 2, 0) - jnp.einsum("bcv,dv->bcd", p, wt,
+                                                                      preferred_element_type=jnp.float32)
+        return None, (picked - lse, u.astype(h.dtype))
 
-    _, (lp, lse) = jax.lax.scan(one, None, (_chunks(h, chunk), _chunks(targets, chunk)))
+    _, (lp, extra) = jax.lax.scan(one, None, (_chunks(h, chunk), _chunks(targets, chunk)))
     n = h.shape[1]
-    return _unchunk(lp, n), _unchunk(lse, n)
+    return _unchunk(lp, n), _unchunk(extra, n)
 
 
 def _chunk_size(h) -> int:
@@ -71,32 +81,12 @@ def _token_logps(h, w, targets, chunk):
     return _logps_fwd_impl(h, w, targets, chunk)[0]
 
 
-def _logps_and_dh_impl(h, w, targets, chunk):
-    """(logp, u) with u = d logp / d h = (onehot(target) - softmax(logits)) @ wᵀ per token [B, N, D]: when w
-    takes no gradient (LoRA), the backward pass is then u times the cotangent, with no logits recomputed."""
-    wt = w.astype(h.dtype)
-
-    def one(_, xs):
-        hc, tc = xs
-        logits = _chunk_logits(hc, w)
-        lse = _logsumexp(logits)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        p = jnp.exp(logits - lse[..., None]).astype(hc.dtype)
-        u = jnp.take(wt, tc, axis=1).transpose(1, 2, 0) - jnp.einsum("bcv,dv->bcd", p, wt,
-                                                                      preferred_element_type=jnp.float32)
-        return None, (picked - lse, u.astype(h.dtype))
-
-    _, (lp, u) = jax.lax.scan(one, None, (_chunks(h, chunk), _chunks(targets, chunk)))
-    n = h.shape[1]
-    return _unchunk(lp, n), _unchunk(u, n)
-
-
 def _fwd(h, w, targets, chunk):
     """With symbolic zeros each argument says whether it is differentiated: a frozen w (LoRA) saves u for the
     backward pass (one vocabulary matmul fewer: SmolLM2's LoRA step on a 1024-token row -4%, paired median);
     a trained w (full fine-tuning) recomputes the logits chunk by chunk."""
     if not w.perturbed:
-        lp, u = _logps_and_dh_impl(h.value, w.value, targets.value, chunk)
+        lp, u = _logps_fwd_impl(h.value, w.value, targets.value, chunk, with_dh=True)
         return lp, (u, None)
     lp, lse = _logps_fwd_impl(h.value, w.value, targets.value, chunk)
     return lp, (None, (h.value, w.value, targets.value, lse))
@@ -107,7 +97,7 @@ def _bwd(chunk, res, g):
     recomputed chunk by chunk."""
     u, saved = res
     if saved is None:
-        return (u * g.astype(u.dtype)[..., None]).astype(u.dtype), None, None
+        return u * g.astype(u.dtype)[..., None], None, None
     h, w, targets, lse = saved
     V = w.shape[1]
 
