@@ -93,9 +93,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+    """x / rms(x) * weight, in fp32. The scaling by 1/rms is an einsum, not a broadcast multiply, so that its
+    transpose (the backward's sum over features of g·x) is a dot: XLA:CPU runs that reduce of a product of two
+    tensors about 6x slower as a fused reduce (2.3 ms vs 0.36 ms, [1024, 576] forward + backward)."""
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(dtype) * x32.astype(dtype)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)
+    return weight.astype(dtype) * jnp.einsum("...d,...->...d", x32, inv_rms).astype(dtype)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -133,7 +133,8 @@ def _bwd(window, block_q, block_k, skip, res, d_out):
     q, k, v, segs, out, (m, inv_l) = res
     hd, dtype = q.shape[4], q.dtype
     scale = hd ** -0.5
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, KV, G, T]
+    # [B, KV, G, T]; an einsum, so XLA:CPU runs it as a dot (see decoder.rms_norm)
+    delta = jnp.einsum("...d,...d->...", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
