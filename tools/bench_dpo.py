@@ -1,7 +1,7 @@
 """Benchmark: our DPO vs TRL `DPOTrainer` + PEFT, same weights, pairs and LoRA settings, both on the CPU, one run.
 
     python tools/bench_dpo.py [--n 32] [--rows 1] [--accum 2] [--trl-batch 4] [--trl-modes padded,grouped]
-                              [--precompute] [--skip-trl]
+                              [--precompute] [--skip-trl] [--hugepages]
     python tools/bench_dpo.py --long [...]   # long pairs (documents up to ~1500 tokens), rows of 2048
 
 Model: SmolLM2-135M-Instruct (the embedded GGUF; TRL gets the same fp32 weights as a transformers model through
@@ -48,7 +48,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu, when installed, would probe for a TPU
 
-from bench_train import PERSONAS, PHRASES, TARGETS, TOPICS, WORDS, trl_modes  # noqa: E402
+from bench_train import (PERSONAS, PHRASES, TARGETS, TOPICS, WORDS, memory_setting, trl_modes,  # noqa: E402
+                         versions, with_hugepages)
 
 TRL_MODES = ("padded", "grouped")
 MATERIALS = ["Letters from that year mention {t} often.", "In the diary: '{t} again today, and nobody listens.'",
@@ -197,11 +198,14 @@ def main():
     ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s for MFU (0 = measure a matmul)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    ap.add_argument("--hugepages", action="store_true",
+                    help="both sides (and the peak timer) with malloc asking for transparent huge pages")
     args = ap.parse_args()
     args.max_length = args.max_length or (2048 if args.long else 768)
     if args.side:
         return _child(args)
     modes = [] if args.skip_trl else trl_modes(args.trl_modes, TRL_MODES)  # checked before any work
+    with_hugepages(args.hugepages)
     if not args.peak:
         from persllm_jax.train.loop import measure_peak_flops
 
@@ -212,7 +216,8 @@ def main():
         rows = make_pairs(args.n, long=args.long)
         (tmp / "corpus" / "dpo" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"SmolLM2-135M, LoRA r=16 all-linear, {args.n} pairs, fp32, CPU ({os.cpu_count()} cores), reference "
-              f"{'precomputed' if args.precompute else 'online'}; peak fp32 matmul {args.peak / 1e9:.1f} GFLOP/s")
+              f"{'precomputed' if args.precompute else 'online'}; peak fp32 matmul {args.peak / 1e9:.1f} GFLOP/s; "
+              f"{memory_setting()}\n{versions()}")
         ours = _spawn("ours", args, tmp)
         print("ours:", json.dumps(ours))
         trls = {}
