@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -81,7 +82,11 @@ def test_tensorboard_events_hold_loss_lr_and_eval_loss(tiny, tmp_path):
     assert out["last"]["eval_loss"] == rows[3]["eval_loss"]
 
 
-def test_tensorboard_resume_keeps_each_step_once(tiny, tmp_path):
+def test_tensorboard_resume_keeps_each_step_once(tiny, tmp_path, monkeypatch):
+    from tensorboardX import event_file_writer
+
+    # both runs within one second, as a quick resume: tensorboardX names event files by the second
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1796414847.0))
     run_dir = tmp_path / "run"
     sets = ("steps=4", "save_every=2", "report_to=[tensorboard]", "learning_rate=1e-2")
     _train(tiny, run_dir, *sets)

@@ -64,8 +64,11 @@ class TensorBoard:
     def open(self, run_dir: Path, cfg, start: int) -> None:
         from tensorboardX import SummaryWriter
 
-        # resumed after step `start`: TensorBoard drops the earlier events of steps > start (logged again now)
-        self.writer = SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"), purge_step=start + 1 if start else None)
+        # resumed after step `start`: TensorBoard drops the earlier events of steps > start (logged again now).
+        # The file name's suffix keeps a resume within the same second (tensorboardX names files by the second
+        # and opens them "wb") from overwriting the earlier file, and sorts it after that file, as TensorBoard reads.
+        self.writer = SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"), purge_step=start + 1 if start else None,
+                                    filename_suffix=f".from{start:09d}.{os.getpid()}")
         if not start:
             self.writer.add_text("config", "```yaml\n" + settings.dump(cfg) + "```", 0)
 
