@@ -1,5 +1,6 @@
 """The benchmarks' --hugepages switch: the glibc tunable it sets is the one that makes malloc use huge pages."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,6 @@ def test_hugepages_env_makes_malloc_use_huge_pages():
         pytest.skip("the tunable's effect shows only under the kernel's THP mode `madvise`")
     run = lambda env: int(subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,  # noqa: E731
                                          check=True).stdout)
-    plain = {k: v for k, v in bench_train.os.environ.items() if k != "GLIBC_TUNABLES"}
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     assert run(plain) == 0
     assert run(bench_train.hugepages_env(plain)) >= 128 << 10  # KiB: at least half of the array on huge pages
